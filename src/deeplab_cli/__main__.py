@@ -1,0 +1,3 @@
+from deeplab_cli.cli import main
+
+main()

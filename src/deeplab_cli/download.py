@@ -1,0 +1,85 @@
+"""Downloads that never look complete unless they are: temporary file, length and hash check, then the
+caller renames it into place."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import http.client
+import os
+import secrets
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Callable, Iterator
+
+from deeplab_cli.errors import DownloadError
+
+Progress = Callable[[int, "int | None"], None]  # (bytes just received, total bytes or None)
+
+
+@contextlib.contextmanager
+def fetch(
+    urls: list[str], directory: Path, *, sha256: str | None = None,
+    progress: Progress | None = None, timeout: float = 60.0,
+) -> Iterator[tuple[Path, str]]:
+    """Download the first of `urls` that works into a temporary file in `directory`.
+
+    Yields (temporary path, SHA-256). The file is deleted on leaving the block unless the caller has
+    renamed it, so an interrupted, short or mismatching download leaves nothing behind. Raises
+    DownloadError naming every URL tried and why it failed.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    failures = []
+    for url in urls:
+        tmp = directory / f".download-{secrets.token_hex(6)}.tmp"
+        # Not mkstemp: its mode 0o600 would stay on the cached weights and lock out the other users of a
+        # shared DEEPLAB_HOME. 0o666 lets the umask decide, as for every other file the package writes.
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+        try:
+            with os.fdopen(fd, "wb") as out:
+                digest = _copy(url, out, progress, timeout)
+            if sha256 and digest != sha256.lower():
+                raise _Failed(f"SHA-256 {digest} does not match the expected {sha256}")
+        except _Failed as e:
+            tmp.unlink(missing_ok=True)
+            failures.append(f"{url}: {e}")
+            continue
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        try:
+            yield tmp, digest
+        finally:
+            tmp.unlink(missing_ok=True)
+        return
+    raise DownloadError("download failed: " + "; ".join(failures or ["no URL to try"]))
+
+
+class _Failed(Exception):
+    pass
+
+
+def _copy(url: str, out, progress: Progress | None, timeout: float) -> str:
+    digest, received = hashlib.sha256(), 0
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            length = response.headers.get("Content-Length")
+            total = int(length) if length and length.isdigit() else None
+            while block := response.read(1 << 20):
+                out.write(block)
+                digest.update(block)
+                received += len(block)
+                if progress:
+                    progress(len(block), total)
+    except urllib.error.HTTPError as e:
+        raise _Failed(f"HTTP {e.code} {e.reason}") from None
+    except (urllib.error.URLError, OSError, ValueError) as e:
+        raise _Failed(str(getattr(e, "reason", e))) from None
+    except http.client.HTTPException as e:  # IncompleteRead and friends when the server drops the connection
+        raise _Failed(f"transfer broke off ({type(e).__name__})") from None
+    if total is not None and received != total:
+        raise _Failed(f"transfer broke off after {received} of {total} bytes")
+    if received == 0:
+        raise _Failed("empty response")
+    return digest.hexdigest()

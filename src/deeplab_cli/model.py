@@ -1,0 +1,184 @@
+"""DeepLab-LargeFOV: the layer table, weight checks, and the ONNX inference graph.
+
+The graph takes what image decoders give, (N, H, W, 3) uint8 BGR, and does the cast, mean subtraction
+and NHWC -> NCHW change itself, so an accelerator does that work and the host sends a quarter of the
+bytes of a float32 tensor. It returns the fc8 scores at stride 8, (N, C, h, w) float32, with Caffe's
+rounding up: each stride-2 pooling maps a side of n to n // 2 + 1 (513 -> 65, 375 -> 48, 500 -> 64).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Mapping
+
+import numpy as np
+
+from deeplab_cli.errors import WeightsError
+
+VOC_MEAN_BGR = (104.008, 116.669, 122.675)
+OPSET = 17
+
+
+@dataclass(frozen=True)
+class Conv:
+    name: str
+    in_ch: int
+    out_ch: int
+    kernel: int = 3
+    pad: int = 1
+    dilation: int = 1
+    relu: bool = True
+
+    @property
+    def weight_shape(self) -> tuple[int, int, int, int]:
+        return (self.out_ch, self.in_ch, self.kernel, self.kernel)
+
+
+@dataclass(frozen=True)
+class Pool:
+    name: str
+    stride: int
+    average: bool = False
+
+
+def largefov_layers(num_classes: int = 21, fc8: str = "fc8_voc12") -> tuple[Conv | Pool, ...]:
+    """The inference net in order (largefov.md, "The graph"). Dropout is the identity at test time."""
+    return (
+        Conv("conv1_1", 3, 64), Conv("conv1_2", 64, 64), Pool("pool1", 2),
+        Conv("conv2_1", 64, 128), Conv("conv2_2", 128, 128), Pool("pool2", 2),
+        Conv("conv3_1", 128, 256), Conv("conv3_2", 256, 256), Conv("conv3_3", 256, 256), Pool("pool3", 2),
+        Conv("conv4_1", 256, 512), Conv("conv4_2", 512, 512), Conv("conv4_3", 512, 512),
+        # pool4 and pool5 keep stride 1; the atrous convolutions after them see what the lost
+        # strides would have shown, so the output stays at stride 8.
+        Pool("pool4", 1),
+        Conv("conv5_1", 512, 512, pad=2, dilation=2), Conv("conv5_2", 512, 512, pad=2, dilation=2),
+        Conv("conv5_3", 512, 512, pad=2, dilation=2), Pool("pool5", 1), Pool("pool5a", 1, average=True),
+        Conv("fc6", 512, 1024, pad=12, dilation=12), Conv("fc7", 1024, 1024, kernel=1, pad=0),
+        Conv(fc8, 1024, num_classes, kernel=1, pad=0, relu=False),
+    )
+
+
+Weights = Mapping[str, tuple[np.ndarray, np.ndarray]]
+
+
+def check_weights(
+    weights: Weights, source: str, dilations: Mapping[str, int | None] | None = None,
+    num_classes: int = 21, fc8: str = "fc8_voc12",
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Check every convolution of LargeFOV is present with its shape; return float32 (OIHW, (O,)) arrays.
+
+    `dilations` holds what the file records (None where it records nothing). Raises WeightsError with one
+    line naming `source` and everything wrong, so a user fixes the file in one go.
+    """
+    convs = [layer for layer in largefov_layers(num_classes, fc8) if isinstance(layer, Conv)]
+    missing = [c.name for c in convs if c.name not in weights]
+    if missing:
+        found = ", ".join(sorted(weights)) or "none"
+        raise WeightsError(
+            f"{source}: not DeepLab-LargeFOV: missing layer{'s' * (len(missing) > 1)} "
+            f"{', '.join(missing)} (layers with weights: {found})"
+        )
+    checked, problems = {}, []
+    for conv in convs:
+        w, b = weights[conv.name]
+        w, b = np.asarray(w, dtype=np.float32), np.asarray(b, dtype=np.float32)
+        if b.size == conv.out_ch:
+            b = b.reshape(conv.out_ch)  # old Caffe stores biases as (1, 1, 1, N)
+        if w.shape != conv.weight_shape or b.shape != (conv.out_ch,):
+            hint = " (a VGG-16 classifier, not DeepLab-LargeFOV)" if conv.name == "fc6" and w.shape[-1:] == (7,) else ""
+            problems.append(
+                f"{conv.name} has weights {_dims(w.shape)} and bias {_dims(b.shape)}, expected "
+                f"{_dims(conv.weight_shape)} and {conv.out_ch}{hint}"
+            )
+        recorded = (dilations or {}).get(conv.name)
+        # Files that record no dilation for a layer leave it at Caffe's default, 1.
+        if recorded is not None and recorded != conv.dilation and not (recorded == 0 and conv.dilation == 1):
+            problems.append(f"{conv.name} has dilation {recorded}, expected {conv.dilation}")
+        checked[conv.name] = (np.ascontiguousarray(w), np.ascontiguousarray(b))
+    if problems:
+        raise WeightsError(f"{source}: not DeepLab-LargeFOV: {'; '.join(problems)}")
+    return checked
+
+
+def _dims(shape: tuple[int, ...]) -> str:
+    return "x".join(map(str, shape)) or "scalar"
+
+
+def build_onnx(
+    weights: Weights, *, classes: list[str], model_name: str, source_sha256: str,
+    mean_bgr: tuple[float, float, float] = VOC_MEAN_BGR, fc8: str = "fc8_voc12", float16: bool = False,
+):
+    """Build the LargeFOV inference graph as an `onnx.ModelProto` from checked weights.
+
+    Inputs: `image` (N, H, W, 3) uint8 BGR with N, H, W dynamic; `pad_to` (2,) int64, optional (defaults to
+    [0, 0]): pad the bottom and right to at least this height and width with the mean, the paper's
+    513x513 test protocol. Output: `logits` (N, C, h, w) float32. With `float16` the convolutions run in
+    half precision while the inputs and outputs keep their types.
+    """
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    compute = TensorProto.FLOAT16 if float16 else TensorProto.FLOAT
+    np_compute = np.float16 if float16 else np.float32
+    nodes, inits = [], []
+
+    def const(name: str, array: np.ndarray) -> str:
+        inits.append(numpy_helper.from_array(array, name))
+        return name
+
+    def node(op: str, inputs: list[str], output: str, **attrs) -> str:
+        nodes.append(helper.make_node(op, inputs, [output], name=output, **attrs))
+        return output
+
+    x = node("Cast", ["image"], "image_f32", to=TensorProto.FLOAT)
+    x = node("Sub", [x, const("mean_bgr", np.array(mean_bgr, np.float32))], "centered")
+    x = node("Transpose", [x], "nchw", perm=[0, 3, 1, 2])
+    # Padding after the mean subtraction pads with the mean itself, which uint8 pixels cannot express.
+    hw = node("Slice", [node("Shape", [x], "shape"), const("i2", np.array([2], np.int64)),
+                        const("i4", np.array([4], np.int64))], "hw")
+    grow = node("Max", [node("Sub", ["pad_to", hw], "pad_short"), const("zeros2", np.zeros(2, np.int64))], "pad_hw")
+    pads = node("Concat", [const("zeros6", np.zeros(6, np.int64)), grow], "pads", axis=0)
+    x = node("Pad", [x, pads], "padded", mode="constant")
+    if float16:
+        x = node("Cast", [x], "padded_f16", to=compute)
+
+    for layer in largefov_layers(len(classes), fc8):
+        if isinstance(layer, Pool):
+            # ceil_mode reproduces Caffe's rounding up; pool5a divides by 9 everywhere, padding included.
+            op = "AveragePool" if layer.average else "MaxPool"
+            extra = {"count_include_pad": 1} if layer.average else {}
+            x = node(op, [x], layer.name, kernel_shape=[3, 3], strides=[layer.stride] * 2,
+                     pads=[1, 1, 1, 1], ceil_mode=1, **extra)
+            continue
+        w, b = weights[layer.name]
+        x = node("Conv", [x, const(f"{layer.name}/W", w.astype(np_compute)), const(f"{layer.name}/b", b.astype(np_compute))],
+                 layer.name, kernel_shape=[layer.kernel] * 2, pads=[layer.pad] * 4, dilations=[layer.dilation] * 2)
+        if layer.relu:
+            x = node("Relu", [x], f"{layer.name}_relu")
+    node("Cast", [x], "logits", to=TensorProto.FLOAT)
+
+    graph = helper.make_graph(
+        nodes, "deeplab_largefov",
+        inputs=[
+            helper.make_tensor_value_info("image", TensorProto.UINT8, ["N", "H", "W", 3]),
+            helper.make_tensor_value_info("pad_to", TensorProto.INT64, [2]),
+        ],
+        outputs=[helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", len(classes), "h", "w"])],
+        initializer=inits,
+    )
+    # An initializer that is also a graph input is an input with a default value: callers may omit pad_to.
+    graph.initializer.append(numpy_helper.from_array(np.zeros(2, np.int64), "pad_to"))
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="deeplab-cli")
+    model.ir_version = 8  # readable by every onnxruntime since 1.10
+    metadata = {
+        "model_name": model_name,
+        "classes": json.dumps(classes),
+        "mean_bgr": json.dumps(list(mean_bgr)),
+        "source_sha256": source_sha256,
+        "precision": "float16" if float16 else "float32",
+        "output_stride": "8",
+    }
+    helper.set_model_props(model, metadata)
+    onnx.checker.check_model(model)
+    return model

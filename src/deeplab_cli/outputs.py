@@ -1,0 +1,167 @@
+"""PASCAL VOC colours and class names, and writing results so that a killed run never leaves half a file.
+
+Every writer goes through `atomic_write`: the bytes land in a hidden `.<name>.<random>.tmp` beside the
+target and are renamed over it only when complete.
+"""
+
+import glob
+import json
+import os
+import secrets
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import cv2
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from .errors import InputError
+
+VOC_CLASSES: tuple[str, ...] = (
+    "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair",
+    "cow", "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa",
+    "train", "tvmonitor",
+)
+
+
+def voc_palette(n: int = 256) -> np.ndarray:
+    """(n, 3) uint8 RGB: the VOC colour of each id. Bits 0, 1, 2 of the id become the top bits of
+    R, G, B; bits 3, 4, 5 the next bits; and so on (1 = (128, 0, 0), 255 = (224, 224, 192))."""
+    ids = np.arange(n)
+    palette = np.zeros((n, 3), np.int64)
+    for level in range(8):
+        for channel in range(3):
+            palette[:, channel] |= ((ids >> (3 * level + channel)) & 1) << (7 - level)
+    return palette.astype(np.uint8)
+
+
+def _check_labels(labels: np.ndarray, palette: np.ndarray) -> None:
+    if labels.ndim != 2 or labels.dtype != np.uint8:
+        raise ValueError(f"labels must be (H, W) uint8, got {labels.shape} {labels.dtype}")
+    if labels.size and int(labels.max()) >= len(palette):
+        raise ValueError(f"label {int(labels.max())} has no colour in a {len(palette)}-entry palette")
+
+
+def colorize(labels: np.ndarray, palette: np.ndarray) -> np.ndarray:
+    """(H, W) uint8 ids, (n, 3) uint8 RGB palette -> (H, W, 3) uint8 BGR colour image."""
+    _check_labels(labels, palette)
+    palette_bgr = np.ascontiguousarray(palette[:, ::-1], dtype=np.uint8)
+    return palette_bgr[labels]
+
+
+def overlay(image_bgr: np.ndarray, labels: np.ndarray, palette: np.ndarray, alpha: float) -> np.ndarray:
+    """(H, W, 3) uint8 BGR photo, (H, W) uint8 ids -> (H, W, 3) uint8 BGR blend.
+
+    Every pixel becomes (1 - alpha) * photo + alpha * class colour, rounded; the background class is
+    blended too (its black dims the photo), so one alpha means the same everywhere.
+    alpha 0 gives the photo, 1 the colour map.
+    """
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    if image_bgr.shape != (*labels.shape, 3) or image_bgr.dtype != np.uint8:
+        raise ValueError(f"image must be (H, W, 3) uint8 matching labels {labels.shape}, "
+                         f"got {image_bgr.shape} {image_bgr.dtype}")
+    return cv2.addWeighted(image_bgr, 1.0 - alpha, colorize(labels, palette), alpha, 0.0)
+
+
+def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """Write via `write(tmp)` to a hidden `.<name>.<random>.tmp` beside `path`, fsync it, then
+    rename it onto `path`. Creates the parent directories.
+
+    Readers and a killed process see either the old file or the complete new one, and the next write
+    to `path` removes what a killed one left behind. On any exception
+    the temporary file is removed and the exception propagates (OSErrors unchanged).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # A run killed mid-write left its temporary beside the target; only one writer owns a target at a time.
+    for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        stale.unlink(missing_ok=True)
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
+    # O_EXCL never clobbers another file; mode 0o666 lets the umask decide (mkstemp would force 0o600).
+    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+    try:
+        write(tmp)
+        # fsync before the rename: after a power loss the target is the old file or the whole new one.
+        fd = os.open(tmp, os.O_RDWR)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _write_bytes(path: Path, data: bytes) -> None:
+    atomic_write(path, lambda tmp: tmp.write_bytes(data))
+
+
+def write_index_png(path: Path, labels: np.ndarray, palette: np.ndarray) -> None:
+    """Save (H, W) uint8 ids as a palette ("P" mode) PNG: pixel values are the ids, shown in colour
+    by any viewer; `read_index_png` or Pillow read the ids back. `palette` is (n, 3) uint8 RGB."""
+    _check_labels(labels, palette)
+    image = Image.frombytes("P", (labels.shape[1], labels.shape[0]), np.ascontiguousarray(labels).tobytes())
+    image.putpalette(np.asarray(palette, np.uint8).tobytes(), rawmode="RGB")
+
+    def save(tmp: Path) -> None:
+        image.save(tmp, format="PNG")
+
+    atomic_write(path, save)
+
+
+def write_png(path: Path, image_bgr: np.ndarray) -> None:
+    """Save an (H, W, 3) uint8 BGR image (colour map, overlay) as PNG."""
+    ok, encoded = cv2.imencode(".png", image_bgr)
+    if not ok:
+        raise ValueError(f"{path}: OpenCV cannot encode a {image_bgr.shape} {image_bgr.dtype} image as PNG")
+    _write_bytes(path, encoded.tobytes())
+
+
+def write_npz(path: Path, **arrays: np.ndarray) -> None:
+    """Save arrays, dtypes kept, as an uncompressed .npz.
+
+    Uncompressed on purpose: for (21, 375, 500) float16 probabilities, savez_compressed took ~320 ms
+    against ~6 ms and only halved the file (7.9 MB -> 4.1 MB).
+    """
+    def save(tmp: Path) -> None:
+        # A file object, because np.savez appends ".npz" to a name that lacks it.
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+
+    atomic_write(path, save)
+
+
+def read_index_png(path: str | os.PathLike) -> np.ndarray:
+    """Read a label map PNG (palette "P" or 8-bit grayscale "L") as (H, W) uint8 ids.
+
+    Raises InputError("<path>: <reason>") when the file is missing, unreadable, not a PNG, truncated,
+    or holds colours (RGB, alpha, 16-bit) instead of ids.
+    """
+    try:
+        with Image.open(path) as image:
+            if image.format != "PNG":
+                raise InputError(f"{path}: not a PNG label map ({image.format} file)")
+            if image.mode not in ("P", "L"):
+                raise InputError(f"{path}: not a label map (PNG mode {image.mode}; expected palette 'P' "
+                                 "or 8-bit grayscale 'L')")
+            return np.array(image)
+    except FileNotFoundError:
+        raise InputError(f"{path}: file not found") from None
+    except IsADirectoryError:
+        raise InputError(f"{path}: is a directory, not a label map") from None
+    except PermissionError:
+        raise InputError(f"{path}: permission denied") from None
+    except UnidentifiedImageError:
+        raise InputError(f"{path}: not an image (cannot identify format)") from None
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        # Pillow reports truncated or damaged data as OSError, SyntaxError or ValueError.
+        raise InputError(f"{path}: corrupt or truncated PNG ({e})") from None
+
+
+def write_classes_json(path: Path, classes: Sequence[str], palette: np.ndarray) -> None:
+    """Save [{"id": 0, "name": "background", "color": [0, 0, 0]}, ...] with RGB colours."""
+    entries = [{"id": i, "name": name, "color": [int(v) for v in palette[i]]}
+               for i, name in enumerate(classes)]
+    _write_bytes(path, (json.dumps(entries, indent=2) + "\n").encode())

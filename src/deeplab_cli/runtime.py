@@ -1,0 +1,110 @@
+"""An onnxruntime session for the exported graph, on the device the user asked for and no other."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass
+from importlib import metadata
+
+import numpy as np
+
+from deeplab_cli.errors import ModelError, RuntimeSetupError
+
+CPU, CUDA = "CPUExecutionProvider", "CUDAExecutionProvider"
+_DEVICE = re.compile(r"^(auto|cpu|cuda)(?::(\d+))?$")
+
+
+@dataclass
+class Session:
+    """A loaded model. `provider` is the execution provider that actually runs it."""
+
+    ort_session: object
+    provider: str
+    classes: list[str]
+    model_name: str
+
+    def logits(self, images: np.ndarray, pad_to: tuple[int, int] | None = None) -> np.ndarray:
+        """(N, H, W, 3) uint8 BGR -> (N, C, h, w) float32 stride-8 scores."""
+        feeds = {"image": images}
+        if pad_to is not None:
+            feeds["pad_to"] = np.asarray(pad_to, np.int64)
+        return self.ort_session.run(["logits"], feeds)[0]
+
+
+def parse_device(device: str) -> tuple[str, int]:
+    """'auto' | 'cpu' | 'cuda' | 'cuda:N' -> (kind, device id). Raises ValueError on anything else."""
+    match = _DEVICE.match(device.strip().lower())
+    if not match or (match[2] is not None and match[1] != "cuda"):
+        raise ValueError(f"unknown device {device!r}: use auto, cpu, cuda or cuda:N")
+    return match[1], int(match[2] or 0)
+
+
+def installed_onnxruntime() -> list[str]:
+    """Names and versions of the installed distributions that provide the `onnxruntime` module."""
+    found = []
+    for name in ("onnxruntime", "onnxruntime-gpu"):
+        try:
+            found.append(f"{name} {metadata.version(name)}")
+        except metadata.PackageNotFoundError:
+            pass
+    return found
+
+
+def open_session(model_path: str | os.PathLike, device: str = "auto", threads: int | None = None) -> Session:
+    """Load `model_path` on `device`. `cuda` never falls back to the CPU: it fails with the reason."""
+    kind, device_id = parse_device(device)
+    packages = installed_onnxruntime()
+    if len(packages) > 1:
+        raise RuntimeSetupError(
+            f"both {' and '.join(packages)} are installed and overwrite each other's files; fix with: "
+            "pip uninstall -y onnxruntime onnxruntime-gpu && pip install 'deeplab-cli[gpu]' (or '[cpu]')"
+        )
+    try:
+        import onnxruntime as ort
+    except ImportError as e:
+        raise RuntimeSetupError(
+            f"onnxruntime is not installed ({e}); install it with: pip install 'deeplab-cli[cpu]' "
+            "(or 'deeplab-cli[gpu]' for CUDA)"
+        ) from None
+
+    available = ort.get_available_providers()
+    if kind == "cuda" and CUDA not in available:
+        raise RuntimeSetupError(
+            f"--device {device}: onnxruntime has no CUDA provider (installed: {', '.join(packages) or 'none'}; "
+            f"providers: {', '.join(available)}); install the GPU build: "
+            "pip uninstall -y onnxruntime && pip install 'deeplab-cli[gpu]'"
+        )
+    want_cuda = kind == "cuda" or (kind == "auto" and CUDA in available)
+    providers: list = [CPU]
+    if want_cuda:
+        # Image sizes vary from call to call: an exhaustive cuDNN search would rerun for every new size.
+        providers = [(CUDA, {"device_id": device_id, "cudnn_conv_algo_search": "HEURISTIC",
+                             "arena_extend_strategy": "kSameAsRequested"}), CPU]
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3  # pad_to is an overridable initializer; ORT warns about it on every load
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if threads:
+        options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    try:
+        session = ort.InferenceSession(os.fspath(model_path), options, providers=providers)
+    except Exception as e:  # onnxruntime raises its own untyped errors for unreadable or invalid models
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise RuntimeSetupError(f"{model_path}: cannot load the model ({reason})") from None
+    active = session.get_providers()[0]
+    if kind == "cuda" and active != CUDA:
+        # onnxruntime quietly drops CUDA when its libraries (CUDA, cuDNN) cannot be loaded.
+        raise RuntimeSetupError(
+            f"--device {device}: the CUDA provider did not start (active: {', '.join(session.get_providers())}); "
+            "check that the CUDA and cuDNN libraries onnxruntime-gpu needs are installed "
+            "(pip install 'onnxruntime-gpu[cuda,cudnn]') and that a GPU is visible (nvidia-smi)"
+        )
+    meta = session.get_modelmeta().custom_metadata_map
+    try:
+        classes = json.loads(meta.get("classes", "[]"))
+    except ValueError:
+        raise ModelError(f"{model_path}: the model's 'classes' metadata is not JSON") from None
+    return Session(session, active, classes, meta.get("model_name", os.fspath(model_path)))

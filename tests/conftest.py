@@ -1,0 +1,71 @@
+import numpy as np
+import pytest
+
+from reference import random_weights
+
+
+@pytest.fixture(scope="session")
+def weights():
+    """Random LargeFOV weights of the real shapes, OIHW float32."""
+    return random_weights(seed=0)
+
+
+@pytest.fixture(scope="session")
+def onnx_model(weights, tmp_path_factory):
+    """The full-size graph exported from `weights`, as a file."""
+    import onnx
+
+    from deeplab_cli.model import build_onnx, check_weights
+    from deeplab_cli.outputs import VOC_CLASSES
+
+    path = tmp_path_factory.mktemp("model") / "model.onnx"
+    model = build_onnx(check_weights(weights, "test"), classes=list(VOC_CLASSES),
+                       model_name="test", source_sha256="0" * 64)
+    onnx.save(model, path)
+    return path
+
+
+def natural_image(height, width, seed=0):
+    """(H, W, 3) uint8 BGR with smooth regions, edges and noise, like a photo more than like noise."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
+    img = np.zeros((height, width, 3), np.float32)
+    for c in range(3):
+        img[..., c] = 120 + 60 * np.sin(xx / (7 + 5 * c) + c) * np.cos(yy / (11 + 3 * c))
+    for _ in range(4):
+        cy, cx, r = rng.uniform(0, height), rng.uniform(0, width), rng.uniform(1, max(2, max(height, width) / 3))
+        img[(yy - cy) ** 2 + (xx - cx) ** 2 < r * r] = rng.uniform(0, 255, 3)
+    img += rng.normal(0, 8, img.shape)
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+GOOD_IMAGES = ["cats/a.jpg", "dogs/a.jpg", "gray.png", "rgba.png", "deep16.png", "rotated.jpg",
+               "sub/deeper/b.png", "palette.png"]
+BAD_IMAGES = ["corrupt.jpg", "empty.png", "notes.png"]
+
+
+@pytest.fixture
+def photo_folder(tmp_path):
+    """A folder as users have them: nested, a name used twice, odd formats, and broken files."""
+    import cv2
+    from PIL import Image
+
+    root = tmp_path / "img"
+    for sub in ("cats", "dogs", "sub/deeper"):
+        (root / sub).mkdir(parents=True)
+    cv2.imwrite(str(root / "cats/a.jpg"), natural_image(45, 61, seed=1))
+    cv2.imwrite(str(root / "dogs/a.jpg"), natural_image(37, 45, seed=2))
+    cv2.imwrite(str(root / "gray.png"), natural_image(33, 40, seed=3)[..., 0])
+    rgba = np.dstack([natural_image(41, 29, seed=4), np.full((41, 29), 128, np.uint8)])
+    cv2.imwrite(str(root / "rgba.png"), rgba)
+    cv2.imwrite(str(root / "deep16.png"), natural_image(30, 35, seed=5).astype(np.uint16) * 257)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise on display
+    Image.fromarray(natural_image(40, 30, seed=6)[..., ::-1]).save(root / "rotated.jpg", exif=exif)
+    cv2.imwrite(str(root / "sub/deeper/b.png"), natural_image(50, 38, seed=7))
+    Image.fromarray(natural_image(36, 44, seed=8)[..., 0] // 32).convert("P").save(root / "palette.png")
+    good = (root / "cats/a.jpg").read_bytes()
+    (root / "corrupt.jpg").write_bytes(good[: len(good) // 2])
+    (root / "empty.png").write_bytes(b"")
+    (root / "notes.png").write_text("not an image\n")
+    return root

@@ -1,0 +1,142 @@
+"""An independent DeepLab-LargeFOV for tests: PyTorch CPU, written from the paper's Caffe prototxt."""
+
+import numpy as np
+
+MEAN_BGR = (104.008, 116.669, 122.675)
+# (name, out channels, kernel, dilation); padding keeps the size: dilation * (kernel // 2).
+BLOCKS = [
+    [("conv1_1", 64, 3, 1), ("conv1_2", 64, 3, 1), "max2"],
+    [("conv2_1", 128, 3, 1), ("conv2_2", 128, 3, 1), "max2"],
+    [("conv3_1", 256, 3, 1), ("conv3_2", 256, 3, 1), ("conv3_3", 256, 3, 1), "max2"],
+    [("conv4_1", 512, 3, 1), ("conv4_2", 512, 3, 1), ("conv4_3", 512, 3, 1), "max1"],
+    [("conv5_1", 512, 3, 2), ("conv5_2", 512, 3, 2), ("conv5_3", 512, 3, 2), "max1", "avg1"],
+    [("fc6", 1024, 3, 12), ("fc7", 1024, 1, 1), ("fc8_voc12", 21, 1, 1)],
+]
+
+
+def conv_shapes(num_classes=21):
+    """Layer name -> OIHW weight shape, in order."""
+    shapes, in_ch = {}, 3
+    for block in BLOCKS:
+        for item in block:
+            if isinstance(item, tuple):
+                name, out, k, _ = item
+                out = num_classes if name == "fc8_voc12" else out
+                shapes[name] = (out, in_ch, k, k)
+                in_ch = out
+    return shapes
+
+
+def random_weights(seed=0, num_classes=21):
+    """He-initialised weights of the real shapes, so activations keep a sane scale through 16 layers."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for name, shape in conv_shapes(num_classes).items():
+        fan_in = shape[1] * shape[2] * shape[3]
+        w = rng.standard_normal(shape, dtype=np.float32) * np.float32(np.sqrt(2.0 / fan_in))
+        b = rng.standard_normal(shape[0], dtype=np.float32) * np.float32(0.1)
+        out[name] = (w, b)
+    return out
+
+
+def torch_logits(weights, image_bgr_u8, pad_to=None):
+    """(H, W, 3) uint8 BGR -> (C, h, w) float32 logits, computed in float64 for a tight reference."""
+    import torch
+    import torch.nn.functional as F
+
+    x = torch.from_numpy(image_bgr_u8.astype(np.float64) - np.array(MEAN_BGR))
+    x = x.permute(2, 0, 1)[None]
+    if pad_to is not None:
+        x = F.pad(x, (0, max(0, pad_to[1] - x.shape[3]), 0, max(0, pad_to[0] - x.shape[2])))
+    for block in BLOCKS:
+        for item in block:
+            if item == "max2":
+                x = F.max_pool2d(x, 3, 2, 1, ceil_mode=True)
+            elif item == "max1":
+                x = F.max_pool2d(x, 3, 1, 1, ceil_mode=True)
+            elif item == "avg1":
+                x = F.avg_pool2d(x, 3, 1, 1, ceil_mode=True, count_include_pad=True)
+            else:
+                name, _, k, d = item
+                w, b = weights[name]
+                x = F.conv2d(x, torch.from_numpy(w).double(), torch.from_numpy(b).double(),
+                             padding=d * (k // 2), dilation=d)
+                if name != "fc8_voc12":
+                    x = F.relu(x)
+    return x[0].numpy().astype(np.float32)
+
+
+def training_net(weights, dilation_recorded=True):
+    """The layers a real DeepLab-LargeFOV training snapshot carries, for tests/caffe_writer.py.
+
+    Data, ReLU, pooling, dropout, interp and loss layers carry no blobs; every convolution carries
+    weights then bias. `dilation_recorded=False` writes no hole/dilation field at all.
+    """
+    from caffe_writer import Conv, Layer
+
+    # DeepLab's Caffe fork added its own V1 enum values beyond BVLC's for these types.
+    layers = [Layer("data", "ImageSegData", tops=("data", "label"), v1_type=42)]
+    bottom = "data"
+    for block in BLOCKS:
+        for item in block:
+            if isinstance(item, str):
+                name = {"max2": "pool", "max1": "pool", "avg1": "pool5a"}[item]
+                layers.append(Layer(f"{name}_{len(layers)}" if item != "avg1" else "pool5a", "Pooling",
+                                    (bottom,), (bottom,)))
+                continue
+            name, _, k, d = item
+            w, b = weights[name]
+            conv = Conv(num_output=w.shape[0], pad=d * (k // 2), kernel_size=k,
+                        dilation=d if dilation_recorded and d > 1 else None)
+            layers.append(Layer(name, "Convolution", (bottom,), (name,), blobs=(w, b), conv=conv))
+            bottom = name
+            if name != "fc8_voc12":
+                layers.append(Layer(f"relu_{name}", "ReLU", (name,), (name,)))
+            if name in ("fc6", "fc7"):
+                layers.append(Layer(f"drop{name[2]}", "Dropout", (name,), (name,)))
+    layers.append(Layer("fc8_interp", "Interp", ("fc8_voc12",), ("fc8_interp",), v1_type=43))
+    layers.append(Layer("loss", "SoftmaxWithLoss", ("fc8_interp", "label"), ("loss",)))
+    return layers
+
+
+def caffe_interp(logits, height, width, zoom=8):
+    """Caffe's Interp layer, written from its caffe_cpu_interp2 loop (vectorised over pixels): (C, h, w) ->
+    (C, height, width) of the top-left crop of the ((h-1)*zoom+1, (w-1)*zoom+1) map."""
+    _, h1, w1 = logits.shape
+    h2, w2 = (h1 - 1) * zoom + 1, (w1 - 1) * zoom + 1
+    rh = (h1 - 1) / (h2 - 1) if h2 > 1 else 0.0
+    rw = (w1 - 1) / (w2 - 1) if w2 > 1 else 0.0
+    y = np.arange(height) * rh
+    x = np.arange(width) * rw
+    y0, x0 = y.astype(int), x.astype(int)
+    y1, x1 = y0 + (y0 < h1 - 1), x0 + (x0 < w1 - 1)
+    ly, lx = (y - y0)[:, None], (x - x0)[None, :]
+    f = logits.astype(np.float64)
+    out = ((1 - ly) * ((1 - lx) * f[:, y0][:, :, x0] + lx * f[:, y0][:, :, x1])
+           + ly * ((1 - lx) * f[:, y1][:, :, x0] + lx * f[:, y1][:, :, x1]))
+    return out.astype(np.float32)
+
+
+def deeplab_crf(image_bgr, probs, iters=10):
+    """pydensecrf called as DeepLab-CRF-LargeFOV's CRF: w1 4, sigma_alpha 121, sigma_beta 5, w2 3,
+    sigma_gamma 3, Potts, normalisation after filtering, on the RGB image."""
+    import pydensecrf.densecrf as dcrf
+
+    c, h, w = probs.shape
+    crf = dcrf.DenseCRF2D(w, h, c)
+    crf.setUnaryEnergy(np.ascontiguousarray(-np.log(np.clip(probs, 1e-5, None)).reshape(c, -1), np.float32))
+    crf.addPairwiseGaussian(sxy=3, compat=3, kernel=dcrf.DIAG_KERNEL, normalization=dcrf.NORMALIZE_AFTER)
+    crf.addPairwiseBilateral(sxy=121, srgb=5, rgbim=np.ascontiguousarray(image_bgr[..., ::-1]), compat=4,
+                             kernel=dcrf.DIAG_KERNEL, normalization=dcrf.NORMALIZE_AFTER)
+    return np.asarray(crf.inference(iters)).reshape(c, h, w)
+
+
+def deeplab_labels(weights, image_bgr, crf=True, pad_to=None):
+    """DeepLab-(CRF-)LargeFOV end to end, independently of deeplab_cli: (H, W) uint8 labels."""
+    h, w = image_bgr.shape[:2]
+    scores = caffe_interp(torch_logits(weights, image_bgr, pad_to), h, w)
+    e = np.exp(scores - scores.max(0, keepdims=True))
+    probs = (e / e.sum(0, keepdims=True)).astype(np.float32)
+    if crf:
+        probs = deeplab_crf(image_bgr, probs)
+    return probs.argmax(0).astype(np.uint8)

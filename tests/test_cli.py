@@ -1,0 +1,177 @@
+"""`deeplab segment` as a user runs it: a messy folder in, masks out, honest exit codes."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from conftest import BAD_IMAGES, GOOD_IMAGES, natural_image
+from deeplab_cli.cli import cli
+from deeplab_cli.images import load_image
+from reference import deeplab_labels
+
+
+def segment(*args, input=None, env=None):
+    return CliRunner(env=env).invoke(cli, ["segment", *map(str, args)], input=input)
+
+
+def mask_path(out, name):
+    return out / (name.rsplit(".", 1)[0] + ".png")
+
+
+def test_folder_end_to_end(photo_folder, onnx_model, weights, tmp_path):
+    out = tmp_path / "masks"
+    result = segment(photo_folder, "-r", "--out", out, "-m", onnx_model, "--device", "cpu")
+    assert result.exit_code == 1
+    for name in BAD_IMAGES:
+        assert any(str(photo_folder / name) in line for line in result.stderr.splitlines())
+    assert "8 done, 0 skipped (already done), 3 failed" in result.stderr
+    assert "Traceback" not in result.output
+    written = sorted(Path(line) for line in result.stdout.splitlines())
+    assert written == sorted(mask_path(out, n) for n in GOOD_IMAGES)
+    for name in GOOD_IMAGES:
+        image = load_image(photo_folder / name)
+        labels = np.array(Image.open(mask_path(out, name)))
+        assert labels.shape == image.shape[:2]
+        expected = deeplab_labels(weights, image)
+        assert (labels == expected).mean() >= 0.995, name
+    classes = json.loads((out / "classes.json").read_text())
+    assert classes[15]["name"] == "person" and classes[1]["color"] == [128, 0, 0]
+
+
+def test_no_crf_labels_are_the_upsampled_argmax(onnx_model, weights, tmp_path):
+    image = natural_image(43, 57, seed=11)
+    cv2.imwrite(str(tmp_path / "x.png"), image)
+    result = segment(tmp_path / "x.png", "--out", tmp_path / "m", "-m", onnx_model, "--no-crf")
+    assert result.exit_code == 0, result.output
+    labels = np.array(Image.open(tmp_path / "m/x.png"))
+    assert (labels == deeplab_labels(weights, image, crf=False)).mean() >= 0.999
+
+
+def test_pad_to_reproduces_the_padded_protocol(onnx_model, weights, tmp_path):
+    image = natural_image(50, 41, seed=12)
+    cv2.imwrite(str(tmp_path / "x.png"), image)
+    result = segment(tmp_path / "x.png", "--out", tmp_path / "m", "-m", onnx_model, "--no-crf", "--pad-to", "97")
+    assert result.exit_code == 0, result.output
+    labels = np.array(Image.open(tmp_path / "m/x.png"))
+    assert (labels == deeplab_labels(weights, image, crf=False, pad_to=(97, 97))).mean() >= 0.999
+
+
+def test_formats_and_large_images(onnx_model, tmp_path):
+    cv2.imwrite(str(tmp_path / "big.jpg"), natural_image(120, 90, seed=13))
+    out = tmp_path / "m"
+    result = segment(tmp_path / "big.jpg", "--out", out, "-m", onnx_model, "--max-size", "60",
+                     *[a for f in ("index", "color", "overlay", "probs", "logits") for a in ("-f", f)])
+    assert result.exit_code == 0, result.output
+    labels = np.array(Image.open(out / "big.png"))
+    assert labels.shape == (120, 90)
+    color = cv2.imread(str(out / "big.color.png"))
+    assert color.shape == (120, 90, 3)
+    assert cv2.imread(str(out / "big.overlay.png")).shape == (120, 90, 3)
+    with np.load(out / "big.probs.npz") as npz:
+        probs = npz["probs"]
+    assert probs.dtype == np.float16 and probs.shape == (21, 120, 90)
+    assert np.allclose(probs.astype(np.float32).sum(0), 1, atol=1e-2)
+    assert (probs.argmax(0) == labels).mean() > 0.99
+    with np.load(out / "big.logits.npz") as npz:
+        assert npz["logits"].shape == (21, 9, 7)  # the network saw 60x45: 60 -> 31 -> 16 -> 9
+        assert tuple(npz["work_size"]) == (60, 45) and tuple(npz["image_size"]) == (120, 90)
+
+
+def test_json_lines(photo_folder, onnx_model, tmp_path):
+    result = segment(photo_folder, "--out", tmp_path / "m", "-m", onnx_model, "--json", "--no-crf")
+    records = [json.loads(line) for line in result.stdout.splitlines()]
+    top_level = sorted(p.name for p in photo_folder.iterdir() if p.is_file())
+    assert sorted(Path(r["input"]).name for r in records) == top_level
+    by_name = {Path(r["input"]).name: r for r in records}
+    assert by_name["gray.png"]["status"] == "ok" and by_name["gray.png"]["error"] is None
+    assert by_name["gray.png"]["outputs"] == [str(tmp_path / "m/gray.png")]
+    assert {"load", "network", "upsample", "write"} <= set(by_name["gray.png"]["timings"])
+    assert by_name["gray.png"]["provider"] == "CPUExecutionProvider"
+    assert by_name["notes.png"]["status"] == "error" and "notes.png" in by_name["notes.png"]["error"]
+    assert result.exit_code == 1
+
+
+def test_resume_and_overwrite(photo_folder, onnx_model, tmp_path):
+    out = tmp_path / "m"
+    args = (photo_folder / "cats", photo_folder / "dogs", "--out", out, "-m", onnx_model, "--no-crf")
+    assert segment(*args).exit_code == 0
+    masks = [out / "cats/a.png", out / "dogs/a.png"]
+    stamps = [p.stat().st_mtime_ns for p in masks]
+    again = segment(*args)
+    assert again.exit_code == 0 and again.stdout == ""
+    assert "0 done, 2 skipped" in again.stderr
+    assert [p.stat().st_mtime_ns for p in masks] == stamps
+    redo = segment(*args, "--overwrite")
+    assert redo.exit_code == 0 and len(redo.stdout.splitlines()) == 2
+    assert [p.stat().st_mtime_ns for p in masks] != stamps
+
+
+def test_paths_on_stdin(photo_folder, onnx_model, tmp_path):
+    listing = f"{photo_folder / 'cats/a.jpg'}\n\n{photo_folder / 'dogs/a.jpg'}\n"
+    result = segment("-", "--out", tmp_path / "m", "-m", onnx_model, "--no-crf", input=listing)
+    assert result.exit_code == 0, result.output
+    assert sorted(result.stdout.splitlines()) == [str(tmp_path / "m/cats/a.png"), str(tmp_path / "m/dogs/a.png")]
+
+
+def test_shards_cover_the_folder_once(photo_folder, onnx_model, tmp_path):
+    out = tmp_path / "m"
+    written = []
+    for k in range(3):
+        result = segment(photo_folder, "-r", "--out", out, "-m", onnx_model, "--no-crf", "--shard", f"{k}/3")
+        written += result.stdout.splitlines()
+    assert sorted(written) == sorted(str(mask_path(out, n)) for n in GOOD_IMAGES)
+
+
+def test_usage_errors_exit_2(photo_folder, onnx_model, tmp_path):
+    for bad in (["--shard", "3/3"], ["--device", "tpu"], ["--format", "jpeg"], ["--alpha", "2"]):
+        result = segment(photo_folder, "--out", tmp_path / "m", "-m", onnx_model, *bad)
+        assert result.exit_code == 2, (bad, result.output)
+        assert "Traceback" not in result.output
+
+
+def test_missing_model_offline_exits_3(photo_folder, tmp_path):
+    env = {"DEEPLAB_HOME": str(tmp_path / "cache"), "DEEPLAB_OFFLINE": "1"}
+    result = segment(photo_folder, "--out", tmp_path / "m", env=env)
+    assert result.exit_code == 3
+    assert "deeplab models pull largefov-voc12" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_sigkill_leaves_only_complete_files_and_resumes(onnx_model, tmp_path):
+    src = tmp_path / "img"
+    src.mkdir()
+    for i in range(6):
+        cv2.imwrite(str(src / f"{i}.png"), natural_image(160, 200, seed=20 + i))
+    out = tmp_path / "m"
+    command = [sys.executable, "-m", "deeplab_cli", "segment", str(src), "--out", str(out), "-m", str(onnx_model),
+               "-f", "index", "-f", "probs", "--device", "cpu", "--threads", "1"]
+    child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    first = child.stdout.readline()  # the first result is written: kill in the middle of the rest
+    assert first
+    time.sleep(0.3)
+    child.send_signal(signal.SIGKILL)
+    child.wait()
+    finished = [p for p in out.rglob("*") if p.is_file() and not p.name.startswith(".")]
+    for path in finished:  # every visible file is complete
+        if path.suffix == ".png":
+            assert np.array(Image.open(path)).shape == (160, 200)
+        elif path.suffix == ".npz":
+            with np.load(path) as npz:
+                assert npz["probs"].shape == (21, 160, 200)
+    done_before = {p.name for p in finished}
+    assert 0 < len([n for n in done_before if n.endswith(".probs.npz")]) < 6
+    rerun = subprocess.run(command, capture_output=True, text=True)
+    assert rerun.returncode == 0, rerun.stderr
+    assert f"skipped" in rerun.stderr
+    assert sorted(p.name for p in out.rglob("*") if p.is_file()) == sorted(
+        [f"{i}{s}" for i in range(6) for s in (".png", ".probs.npz")] + ["classes.json"])

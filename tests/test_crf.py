@@ -1,0 +1,169 @@
+import json
+
+import numpy as np
+import pydensecrf.densecrf as dcrf
+import pytest
+from pydensecrf.utils import unary_from_softmax
+
+from deeplab_cli.crf import CRFParams, dense_crf
+from deeplab_cli.upsample import softmax
+
+HEIGHT, WIDTH, CLASSES = 120, 160, 21
+
+
+@pytest.fixture(scope="module")
+def scene():
+    """A smooth RGB scene (disk and bar on a shaded background, sensor noise), its true labels,
+    and noisy (C, H, W) softmax probabilities whose argmax is wrong on about half the pixels."""
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[:HEIGHT, :WIDTH]
+    truth = np.zeros((HEIGHT, WIDTH), np.intp)
+    truth[(yy - 60) ** 2 + (xx - 70) ** 2 < 35**2] = 1
+    truth[(yy > 20) & (yy < 100) & (xx > 115) & (xx < 150)] = 2
+    colours = np.array([[90, 140, 200], [200, 60, 40], [40, 160, 60]], np.float64)
+    image = colours[truth] + 0.3 * xx[..., None] + rng.normal(0, 6, (HEIGHT, WIDTH, 3))
+    image = np.clip(image, 0, 255).astype(np.uint8)
+    logits = rng.normal(0, 1, (CLASSES, HEIGHT, WIDTH)).astype(np.float32)
+    logits[truth, yy, xx] += 1.5
+    logits[:3] += 0.5
+    return image, softmax(logits), truth
+
+
+def pydensecrf_deeplab(image, probs, normalization):
+    """pydensecrf called directly with DeepLab-LargeFOV's CRF settings, written out literally."""
+    n_labels, height, width = probs.shape
+    crf = dcrf.DenseCRF2D(width, height, n_labels)
+    crf.setUnaryEnergy(unary_from_softmax(probs, clip=None))
+    crf.addPairwiseGaussian(sxy=3, compat=3, kernel=dcrf.DIAG_KERNEL, normalization=normalization)
+    crf.addPairwiseBilateral(
+        sxy=121, srgb=5, rgbim=image, compat=4, kernel=dcrf.DIAG_KERNEL, normalization=normalization
+    )
+    return np.array(crf.inference(10)).reshape(n_labels, height, width)
+
+
+@pytest.mark.parametrize("sharpness", [1, 6])  # 6: confident, many probabilities below 1e-8
+def test_dense_crf_equals_pydensecrf_with_deeplab_settings(scene, sharpness):
+    image, probs, _ = scene
+    probs = softmax(np.log(probs) * sharpness)
+    probs_before = probs.copy()
+    q = dense_crf(image, probs)
+    assert q.shape == probs.shape and q.dtype == np.float32
+    np.testing.assert_array_equal(q, pydensecrf_deeplab(image, probs, dcrf.NORMALIZE_AFTER))
+    np.testing.assert_allclose(q.sum(axis=0), 1, atol=1e-5)
+    np.testing.assert_array_equal(probs, probs_before)  # the input is not modified
+
+
+def test_normalize_after_is_applied_not_pydensecrf_default(scene):
+    image, probs, _ = scene
+    q = dense_crf(image, probs)
+    symmetric = pydensecrf_deeplab(image, probs, dcrf.NORMALIZE_SYMMETRIC)
+    assert np.abs(q - symmetric).max() > 0.1
+
+
+def test_crf_cleans_up_noisy_labels(scene):
+    image, probs, truth = scene
+    error_before = np.mean(probs.argmax(axis=0) != truth)
+    error_after = np.mean(dense_crf(image, probs).argmax(axis=0) != truth)
+    assert error_before > 0.3
+    assert error_after < 0.01
+
+
+def test_crf_two_regions_two_classes():
+    rng = np.random.default_rng(1)
+    truth = np.zeros((40, 60), np.intp)
+    truth[:, 30:] = 1
+    image = np.where(truth[..., None] == 1, 180, 60) + rng.normal(0, 5, (40, 60, 3))
+    image = np.clip(image, 0, 255).astype(np.uint8)
+    p_one = np.clip(np.where(truth == 1, 0.6, 0.4) + rng.normal(0, 0.2, truth.shape), 0.01, 0.99)
+    probs = np.stack([1 - p_one, p_one]).astype(np.float32)
+    error_before = np.mean(probs.argmax(axis=0) != truth)
+    error_after = np.mean(dense_crf(image, probs).argmax(axis=0) != truth)
+    assert error_after < error_before / 4
+
+
+def test_zero_iterations_returns_the_probabilities(scene):
+    image, probs, _ = scene
+    np.testing.assert_allclose(dense_crf(image, probs, CRFParams(iters=0)), probs, rtol=0, atol=1e-6)
+
+
+def test_zero_probabilities_give_finite_marginals(scene):
+    image, probs, _ = scene
+    hard = np.zeros_like(probs)
+    hard[0] = 1
+    q = dense_crf(image, hard)
+    assert np.isfinite(q).all()
+    assert (q.argmax(axis=0) == 0).all()
+
+
+def test_float64_probs_accepted(scene):
+    image, probs, _ = scene
+    q64 = dense_crf(image, probs.astype(np.float64))
+    np.testing.assert_allclose(q64, dense_crf(image, probs), rtol=0, atol=1e-6)
+
+
+def test_zero_kernel_weights_leave_the_probabilities(scene):
+    image, probs, _ = scene
+    no_pairwise = CRFParams(bi_w=0.0, pos_w=0.0)
+    np.testing.assert_allclose(dense_crf(image, probs, no_pairwise), probs, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "image_shape, image_dtype, probs_shape",
+    [
+        ((12, 16), np.uint8, (21, 12, 16)),  # grayscale image
+        ((12, 16, 4), np.uint8, (21, 12, 16)),  # RGBA
+        ((12, 16, 3), np.float32, (21, 12, 16)),  # float image
+        ((12, 16, 3), np.uint8, (21, 16, 12)),  # transposed probabilities
+        ((12, 16, 3), np.uint8, (12, 16)),  # labels, not probabilities
+        ((12, 16, 3), np.uint8, (0, 12, 16)),  # no classes
+    ],
+)
+def test_dense_crf_rejects_bad_shapes(image_shape, image_dtype, probs_shape):
+    with pytest.raises(ValueError):
+        dense_crf(np.zeros(image_shape, image_dtype), np.full(probs_shape, 0.5, np.float32))
+
+
+def test_default_params_are_deeplab_largefov():
+    assert CRFParams().to_dict() == {
+        "bi_w": 4.0,
+        "bi_xy_std": 121.0,
+        "bi_rgb_std": 5.0,
+        "pos_w": 3.0,
+        "pos_xy_std": 3.0,
+        "iters": 10,
+    }
+
+
+def test_params_json_round_trip(tmp_path):
+    params = CRFParams(bi_w=5, bi_xy_std=67.0, bi_rgb_std=3.0, pos_xy_std=1.0, iters=5)
+    path = tmp_path / "crf.json"
+    path.write_text(json.dumps(params.to_dict()))
+    loaded = CRFParams.from_dict(json.loads(path.read_text()))
+    assert loaded == params
+    assert isinstance(loaded.bi_w, float) and isinstance(loaded.iters, int)
+
+
+def test_params_from_partial_dict_keeps_defaults():
+    params = CRFParams.from_dict({"bi_xy_std": 67, "bi_rgb_std": 3})
+    assert params == CRFParams(bi_xy_std=67.0, bi_rgb_std=3.0)
+    assert params.bi_w == 4.0 and params.iters == 10
+
+
+@pytest.mark.parametrize(
+    "mapping, key",
+    [
+        ({"bi_xy": 100.0}, "bi_xy"),  # unknown key
+        ({"bi_w": "4"}, "bi_w"),
+        ({"pos_w": None}, "pos_w"),
+        ({"pos_w": True}, "pos_w"),
+        ({"bi_w": float("nan")}, "bi_w"),
+        ({"iters": 10.0}, "iters"),
+        ({"iters": -1}, "iters"),
+        ({"bi_w": -4.0}, "bi_w"),
+        ({"bi_rgb_std": 0}, "bi_rgb_std"),
+        ({"pos_xy_std": -3}, "pos_xy_std"),
+    ],
+)
+def test_params_from_dict_rejects_bad_entries(mapping, key):
+    with pytest.raises(ValueError, match=f"'{key}'"):
+        CRFParams.from_dict(mapping)

@@ -1,0 +1,107 @@
+"""`deeplab export`: weight files written by tools that are not ours, in every supported layout."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from caffe_writer import write_caffemodel
+from conftest import natural_image
+from deeplab_cli.cli import cli
+from reference import random_weights, torch_logits, training_net
+from test_model import assert_close_to_scale, run
+
+LENET = Path(__file__).resolve().parents[2] / "shared/data/caffe/lenet_iter_10000.caffemodel"
+
+
+@pytest.fixture(scope="module")
+def sources(weights, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("sources")
+    write_caffemodel(folder / "v1.caffemodel", training_net(weights), "v1", name="DeepLab-LargeFOV")
+    write_caffemodel(folder / "v2.caffemodel", training_net(weights), "v2", name="DeepLab-LargeFOV")
+    np.savez(folder / "w.npz", **{f"{k}/{n}": a for k, (w, b) in weights.items() for n, a in (("W", w), ("b", b))})
+    return folder
+
+
+def export(source, out):
+    return CliRunner().invoke(cli, ["export", str(source), "-o", str(out)])
+
+
+@pytest.mark.parametrize("name", ["v1.caffemodel", "v2.caffemodel", "w.npz"])
+def test_export_matches_reference(sources, weights, tmp_path, name):
+    result = export(sources / name, tmp_path / "m.onnx")
+    assert result.exit_code == 0, result.output
+    for size in [(37, 45), (23, 61)]:
+        image = natural_image(*size, seed=size[0])
+        assert_close_to_scale(run(tmp_path / "m.onnx", image), torch_logits(weights, image))
+
+
+def test_file_that_records_no_dilation_is_accepted(weights, tmp_path):
+    # Converted files may drop the field; the graph takes its dilations from the layer table anyway.
+    write_caffemodel(tmp_path / "nohole.caffemodel", training_net(weights, dilation_recorded=False), "v1")
+    assert export(tmp_path / "nohole.caffemodel", tmp_path / "m.onnx").exit_code == 0
+
+
+def bad(tmp_path, name, data):
+    path = tmp_path / name
+    path.write_bytes(data)
+    return path
+
+
+def assert_refused(path, tmp_path, *fragments):
+    result = export(path, tmp_path / "out.onnx")
+    assert result.exit_code == 1
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.output
+    assert str(path) in lines[0]
+    for fragment in fragments:
+        assert fragment in lines[0]
+    assert not (tmp_path / "out.onnx").exists()
+
+
+def test_truncated_caffemodel(sources, tmp_path):
+    data = (sources / "v1.caffemodel").read_bytes()
+    assert_refused(bad(tmp_path, "cut.caffemodel", data[: len(data) // 2]), tmp_path, "truncated")
+
+
+def test_missing_layer(weights, tmp_path):
+    net = [layer for layer in training_net(weights) if layer.name != "fc7"]
+    path = tmp_path / "nofc7.caffemodel"
+    write_caffemodel(path, net, "v2")
+    assert_refused(path, tmp_path, "missing layer fc7")
+
+
+def test_plain_vgg_classifier(weights, tmp_path):
+    vgg = dict(weights, fc6=(np.zeros((4096, 512, 7, 7), np.float32), np.zeros(4096, np.float32)))
+    path = tmp_path / "vgg.caffemodel"
+    write_caffemodel(path, training_net(vgg), "v2")
+    assert_refused(path, tmp_path, "fc6 has weights 4096x512x7x7", "VGG-16 classifier")
+
+
+def test_wrong_dilation_recorded(weights, tmp_path):
+    net = training_net(weights)
+    fc6 = next(i for i, layer in enumerate(net) if layer.name == "fc6")
+    net[fc6] = type(net[fc6])(**{**net[fc6].__dict__, "conv": type(net[fc6].conv)(1024, 12, 3, 1, 4)})
+    path = tmp_path / "hole4.caffemodel"
+    write_caffemodel(path, net, "v1")
+    assert_refused(path, tmp_path, "fc6 has dilation 4, expected 12")
+
+
+def test_not_a_caffemodel(tmp_path):
+    assert_refused(bad(tmp_path, "notes.caffemodel", b"just some text\nnot protobuf\n" * 10), tmp_path)
+    assert_refused(bad(tmp_path, "empty.caffemodel", b""), tmp_path, "empty")
+
+
+def test_real_caffe_file_that_is_not_largefov(tmp_path):
+    assert LENET.is_file()
+    assert_refused(LENET, tmp_path, "not DeepLab-LargeFOV", "missing layers conv1_1", "conv1, conv2, ip1, ip2")
+
+
+def test_npz_errors(tmp_path):
+    path = tmp_path / "x.npz"
+    np.savez(path, something=np.zeros(3))
+    assert_refused(path, tmp_path, "no arrays named <layer>/W")
+    obj = tmp_path / "obj.npz"
+    np.savez(obj, **{"conv1_1/W": np.array([object()], dtype=object), "conv1_1/b": np.zeros(1)})
+    assert_refused(obj, tmp_path, "not a readable .npz")
