@@ -175,3 +175,34 @@ def test_sigkill_leaves_only_complete_files_and_resumes(onnx_model, tmp_path):
     assert f"skipped" in rerun.stderr
     assert sorted(p.name for p in out.rglob("*") if p.is_file()) == sorted(
         [f"{i}{s}" for i in range(6) for s in (".png", ".probs.npz")] + ["classes.json"])
+
+
+def test_crf_on_saved_logits_gives_segments_masks(photo_folder, onnx_model, tmp_path):
+    full = segment(photo_folder, "-r", "--out", tmp_path / "full", "-m", onnx_model, "-f", "index", "-f", "logits",
+                   "--max-size", "40")
+    assert full.exit_code == 1  # the three bad files
+    result = CliRunner().invoke(cli, ["crf", str(photo_folder), str(tmp_path / "full"), "-r", "--out",
+                                      str(tmp_path / "crf"), "--iters", "10", "-j", "2", "--json"])
+    assert result.exit_code == 1
+    records = {Path(r["input"]).relative_to(photo_folder).as_posix(): r
+               for r in map(json.loads, result.stdout.splitlines())}
+    assert {n for n, r in records.items() if r["status"] == "error"} == set(BAD_IMAGES)
+    for name in GOOD_IMAGES:
+        ours, theirs = (np.array(Image.open(mask_path(tmp_path / d, name))) for d in ("crf", "full"))
+        assert ours.shape == theirs.shape
+        assert (ours == theirs).mean() >= 0.999, name
+
+
+def test_crf_names_missing_and_mismatched_logits(onnx_model, tmp_path):
+    (tmp_path / "img").mkdir()
+    cv2.imwrite(str(tmp_path / "img/0.png"), natural_image(30, 40))
+    cv2.imwrite(str(tmp_path / "img/1.png"), natural_image(30, 40))
+    assert segment(tmp_path / "img", "--out", tmp_path / "l", "-m", onnx_model, "-f", "logits").exit_code == 0
+    cv2.imwrite(str(tmp_path / "img/1.png"), natural_image(31, 40))
+    cv2.imwrite(str(tmp_path / "img/2.png"), natural_image(30, 40))
+    result = CliRunner().invoke(cli, ["crf", str(tmp_path / "img"), str(tmp_path / "l"), "--out", str(tmp_path / "m"),
+                                      "-j", "1"])
+    assert result.exit_code == 1
+    assert "1 done, 0 skipped (already done), 2 failed" in result.stderr
+    assert "is 31x40 but its logits were computed for 30x40" in result.stderr
+    assert f"{tmp_path / 'l/2.logits.npz'}: no logits file" in result.stderr

@@ -214,7 +214,7 @@ def test_pull_caches_the_weights_and_the_graph(server, monkeypatch, home, largef
     onnx_file = home / info.name / "model.onnx"
     assert result.stdout.strip() == str(onnx_file)
     assert files_in(home) == [info.name]
-    assert files_in(home / info.name) == [FILE, "model.onnx"]
+    assert files_in(home / info.name) == ["model.onnx", FILE]
     assert (home / info.name / FILE).read_bytes() == largefov_bytes
     assert run_cli("models", "path", "largefov-voc12").stdout.strip() == str(onnx_file)
     assert "\tcached\t" in run_cli("models", "list").stdout
@@ -312,5 +312,5 @@ def test_ensure_converts_cached_weights_without_the_network(server, monkeypatch,
     monkeypatch.setenv("DEEPLAB_OFFLINE", "1")
 
     assert registry.ensure(info) == home / info.name / "model.onnx"
-    assert files_in(home / info.name) == [FILE, "model.onnx"]
+    assert files_in(home / info.name) == ["model.onnx", FILE]
     assert server.requests == []

@@ -35,6 +35,12 @@ class _Group(click.Group):
         except DeeplabError as e:
             raise _Failure(e) from None
 
+    def resolve_command(self, ctx, args):
+        # `deeplab crf IMAGES LOGITS` takes arguments, so `tune` cannot be a subcommand of a group there.
+        if args[:2] == ["crf", "tune"]:
+            return "crf tune", crf_tune, args[2:]
+        return super().resolve_command(ctx, args)
+
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="deeplab")
@@ -56,7 +62,6 @@ def _options(*decorators):
 
 
 batch_options = _options(
-    click.argument("inputs", nargs=-1, required=True),
     click.option("-o", "--out", type=click.Path(file_okay=False, path_type=Path), required=True,
                  help="Output folder; it mirrors the input folders."),
     click.option("-r", "--recursive", is_flag=True, help="Descend into sub-folders."),
@@ -66,11 +71,20 @@ batch_options = _options(
     click.option("-q", "--quiet", is_flag=True, help="No progress bar or summary."),
 )
 
+output_options = _options(
+    click.option("-f", "--format", "formats", type=click.Choice(FORMATS), multiple=True,
+                 help="Outputs to write (repeatable) [index]."),
+    click.option("--alpha", type=click.FloatRange(0, 1), default=0.5, show_default=True,
+                 help="Colour weight for --format overlay."),
+)
+
+jobs_option = click.option("-j", "--jobs", type=click.IntRange(min=1), default=os.cpu_count() or 1,
+                           show_default="all cores", help="CPU worker processes.")
+
 crf_options = _options(
-    click.option("--crf/--no-crf", default=True, show_default=True, help="Refine with the fully connected CRF."),
     click.option("--crf-params", type=click.Path(exists=True, dir_okay=False, path_type=Path),
                  help="JSON file of CRF settings (as `deeplab crf tune` writes); options below override it."),
-    click.option("--crf-iters", type=click.IntRange(min=0), help="Mean-field iterations [10]."),
+    click.option("--crf-iters", "--iters", type=click.IntRange(min=0), help="Mean-field iterations [10]."),
     click.option("--crf-bi-w", type=click.FloatRange(min=0), help="Bilateral kernel weight w1 [4]."),
     click.option("--crf-bi-xy-std", type=click.FloatRange(min=0, min_open=True), help="Bilateral spatial width sigma_alpha [121]."),
     click.option("--crf-bi-rgb-std", type=click.FloatRange(min=0, min_open=True), help="Bilateral colour width sigma_beta [5]."),
@@ -164,6 +178,7 @@ def _download_progress():
 
 
 @cli.command()
+@click.argument("inputs", nargs=-1, required=True)
 @batch_options
 @click.option("-m", "--model", default="largefov-voc12", show_default=True,
               help="A model name from `deeplab models list`, or a path to an .onnx file.")
@@ -172,9 +187,8 @@ def _download_progress():
 @click.option("--max-size", type=click.IntRange(min=0), default=513, show_default=True,
               help="Longer side the network sees; larger images are scaled down, results brought back. 0: no limit.")
 @click.option("--pad-to", type=click.IntRange(min=1), help="Pad bottom/right with the mean to this size, as the paper's test protocol (513).")
-@click.option("-f", "--format", "formats", type=click.Choice(FORMATS), multiple=True,
-              help="Outputs to write (repeatable) [index].")
-@click.option("--alpha", type=click.FloatRange(0, 1), default=0.5, show_default=True, help="Colour weight for --format overlay.")
+@output_options
+@click.option("--crf/--no-crf", default=True, show_default=True, help="Refine with the fully connected CRF.")
 @crf_options
 def segment(inputs, out, recursive, overwrite, shard, as_json, quiet, model, device, threads, max_size, pad_to,
             formats, alpha, crf, crf_params, **crf_opts):
@@ -203,6 +217,157 @@ def segment(inputs, out, recursive, overwrite, shard, as_json, quiet, model, dev
     write_classes_json(out / "classes.json", session.classes, voc_palette())
     results = runner.segment(jobs, session, settings)
     sys.exit(report(results, len(jobs), as_json, quiet, session.provider))
+
+
+@cli.command()
+@click.argument("inputs", nargs=-1, required=True)
+@click.argument("logits_dir", metavar="LOGITS", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@batch_options
+@output_options
+@jobs_option
+@crf_options
+def crf(inputs, logits_dir, out, recursive, overwrite, shard, as_json, quiet, formats, alpha, jobs, crf_params,
+        **crf_opts):
+    """The CRF stage alone, from saved logits: IMAGES... LOGITS.
+
+    LOGITS is the folder `deeplab segment IMAGES... --format logits` wrote; give the same IMAGES so the
+    pairs are found by relative path. Settings come from --crf-params and the options, as for segment.
+    `deeplab crf tune --help` shows the cross-validation of the settings.
+
+    \b
+      deeplab segment photos/ --out logits/ -f logits --no-crf --device cuda
+      deeplab crf photos/ logits/ --out masks/ --iters 10 -j 16
+    """
+    import functools
+
+    from deeplab_cli import runner
+    from deeplab_cli.outputs import VOC_CLASSES, voc_palette, write_classes_json
+
+    job_list = gather_jobs(inputs, recursive, shard)
+    settings = runner.Settings(out=out, formats=tuple(dict.fromkeys(formats or ("index",))),
+                               crf=crf_settings({}, crf_params, crf_opts), alpha=alpha, overwrite=overwrite)
+    write_classes_json(out / "classes.json", VOC_CLASSES, voc_palette())
+    work = functools.partial(runner.crf_one, logits_dir=logits_dir, settings=settings)
+    results = runner.parallel_map(work, job_list, min(jobs, max(1, len(job_list))))
+    sys.exit(report(results, len(job_list), as_json, quiet, "cpu"))
+
+
+@cli.command("crf tune")
+@click.argument("inputs", nargs=-1, required=True)
+@click.argument("logits_dir", metavar="LOGITS", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--gt", "gt_dir", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True,
+              help="Folder of ground-truth palette PNGs, paired with the images by relative path.")
+@click.option("-o", "--out", type=click.Path(dir_okay=False, path_type=Path), default=Path("crf-params.json"),
+              show_default=True, help="Where to write the best setting (for --crf-params).")
+@click.option("-r", "--recursive", is_flag=True, help="Descend into sub-folders.")
+@click.option("--limit", type=click.IntRange(min=1), help="Tune on the first N images only (the paper used 100).")
+# DeepLab's initial search ranges for LargeFOV; w2 = 3 and sigma_gamma = 3 stay fixed.
+@click.option("--bi-w", default="5:10:1", show_default=True, help="w1 values: START:STOP:STEP or a,b,c.")
+@click.option("--bi-xy-std", default="50:100:10", show_default=True, help="sigma_alpha values.")
+@click.option("--bi-rgb-std", default="3:10:1", show_default=True, help="sigma_beta values.")
+@click.option("--num-classes", type=click.IntRange(min=1), default=21, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="The table as one JSON object on stdout.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+@jobs_option
+@crf_options
+def crf_tune(inputs, logits_dir, gt_dir, out, recursive, limit, bi_w, bi_xy_std, bi_rgb_std, num_classes, as_json,
+             quiet, jobs, crf_params, **crf_opts):
+    """Cross-validate the CRF as DeepLab did: a grid over the bilateral kernel, ranked by mean IoU.
+
+    \b
+      deeplab crf tune val/images val/logits --gt val/labels --limit 100 -o best.json
+      deeplab crf val/images val/logits --out masks/ --crf-params best.json
+    """
+    import functools
+
+    import numpy as np
+    from tqdm import tqdm
+
+    from deeplab_cli import runner, tune
+    from deeplab_cli.evaluate import scores
+    from deeplab_cli.outputs import atomic_write
+
+    try:
+        ranges = {"bi_w": tune.parse_values(bi_w), "bi_xy_std": tune.parse_values(bi_xy_std),
+                  "bi_rgb_std": tune.parse_values(bi_rgb_std)}
+        settings = tune.grid(crf_settings({}, crf_params, crf_opts), ranges)
+    except ValueError as e:
+        raise click.UsageError(str(e)) from None
+    samples = [tune.Sample(job.source, logits_dir / f"{job.key}.logits.npz", gt_dir / f"{job.key}.png")
+               for job in gather_jobs(inputs, recursive, None)[:limit]]
+    work = functools.partial(tune.score_sample, settings=settings, num_classes=num_classes)
+    total, failed = np.zeros((len(settings), num_classes, num_classes + 1), np.int64), 0
+    with tqdm(total=len(samples), disable=quiet or not sys.stderr.isatty(), unit="img", file=sys.stderr) as bar:
+        for _, confusions, error in runner.parallel_map(work, samples, min(jobs, max(1, len(samples)))):
+            if error:
+                failed += 1
+                bar.write(f"deeplab: {error}", file=sys.stderr)
+            else:
+                total += confusions
+            bar.update()
+    if failed == len(samples):
+        raise click.ClickException("no image could be scored")
+    rows = sorted(((scores(c), p) for c, p in zip(total, settings)), key=lambda row: -row[0].miou)
+    best = rows[0][1]
+    atomic_write(out, lambda tmp: tmp.write_text(json.dumps(best.to_dict(), indent=2) + "\n"))
+    if as_json:
+        click.echo(json.dumps({"images": len(samples) - failed, "failed": failed, "best": best.to_dict(),
+                               "rows": [{**p.to_dict(), "miou": s.miou, "pixel_accuracy": s.pixel_accuracy}
+                                        for s, p in rows]}))
+    else:
+        click.echo("bi_w\tbi_xy_std\tbi_rgb_std\tmIoU\tpixel_acc")
+        for s, p in rows:
+            click.echo(f"{p.bi_w:g}\t{p.bi_xy_std:g}\t{p.bi_rgb_std:g}\t{100 * s.miou:.2f}\t{100 * s.pixel_accuracy:.2f}")
+        click.echo(f"deeplab: best of {len(rows)} settings on {len(samples) - failed} images written to {out}", err=True)
+    sys.exit(EXIT_FAILED if failed else EXIT_OK)
+
+
+@cli.command("eval")
+@click.option("--pred", "pred_dir", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True,
+              help="Folder of predicted index PNGs (deeplab's `index` format).")
+@click.option("--gt", "gt_dir", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True,
+              help="Folder of ground-truth palette PNGs; 255 is void.")
+@click.option("--list", "list_file", type=click.File(), help="Image ids to evaluate, one per line (e.g. VOC's val.txt).")
+@click.option("--num-classes", type=click.IntRange(min=1), default=21, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="One JSON object on stdout.")
+def evaluate(pred_dir, gt_dir, list_file, num_classes, as_json):
+    """Mean IoU over a labelled set, as PASCAL VOC computes it (one confusion matrix for all images)."""
+    import numpy as np
+
+    from deeplab_cli.errors import InputError
+    from deeplab_cli.evaluate import confusion_matrix, scores
+    from deeplab_cli.outputs import VOC_CLASSES, read_index_png
+
+    if list_file is not None:
+        ids = [line.strip().removesuffix(".png") for line in list_file if line.strip()]
+    else:
+        ids = sorted(p.relative_to(gt_dir).with_suffix("").as_posix() for p in gt_dir.rglob("*.png")
+                     if not p.name.startswith("."))
+    total, problems = np.zeros((num_classes, num_classes + 1), np.int64), []
+    for name in ids:
+        try:
+            truth, pred = read_index_png(gt_dir / f"{name}.png"), read_index_png(pred_dir / f"{name}.png")
+            if truth.shape != pred.shape:
+                raise InputError(f"{pred_dir / name}.png: prediction is {pred.shape[0]}x{pred.shape[1]}, "
+                                 f"ground truth is {truth.shape[0]}x{truth.shape[1]}")
+        except InputError as e:
+            problems.append(str(e))
+            click.echo(f"deeplab: {e}", err=True)
+            continue
+        total += confusion_matrix(truth, pred, num_classes)
+    if len(problems) == len(ids):
+        raise click.ClickException(f"no image could be evaluated ({len(ids)} listed)")
+    result = scores(total)
+    names = VOC_CLASSES if num_classes == len(VOC_CLASSES) else [str(i) for i in range(num_classes)]
+    per_class = {n: (None if np.isnan(v) else float(v)) for n, v in zip(names, result.per_class)}
+    if as_json:
+        click.echo(json.dumps({"miou": result.miou, "per_class": per_class, "pixel_accuracy": result.pixel_accuracy,
+                               "images": len(ids) - len(problems), "problems": problems}))
+    else:
+        for name, iou in per_class.items():
+            click.echo(f"{name:<14}{'-' if iou is None else f'{100 * iou:6.2f}'}")
+        click.echo(f"{'mean IoU':<14}{100 * result.miou:6.2f}\n{'pixel acc.':<14}{100 * result.pixel_accuracy:6.2f}")
+    sys.exit(EXIT_FAILED if problems else EXIT_OK)
 
 
 @cli.command()

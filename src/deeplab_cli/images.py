@@ -144,4 +144,12 @@ def resize_for_network(image: np.ndarray, max_size: int | None) -> np.ndarray:
     # Fix the long side to max_size exactly; rounding the short side keeps the aspect closest.
     new_height = max(1, round(height * max_size / longest)) if height < longest else max_size
     new_width = max(1, round(width * max_size / longest)) if width < longest else max_size
-    return cv2.resize(image, (new_width, new_height), interpolation=cv2.INTER_AREA)
+    return resize_to(image, (new_height, new_width))
+
+
+def resize_to(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """(H, W, 3) uint8 -> (h, w, 3) uint8 for size = (h, w), by area interpolation; `image` itself if
+    it already has that size. `deeplab crf` uses it to rebuild the working image `segment` saw."""
+    if image.shape[:2] == tuple(size):
+        return image
+    return cv2.resize(image, (size[1], size[0]), interpolation=cv2.INTER_AREA)

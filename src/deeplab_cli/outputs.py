@@ -8,7 +8,9 @@ import glob
 import json
 import os
 import secrets
+import zipfile
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
@@ -165,3 +167,34 @@ def write_classes_json(path: Path, classes: Sequence[str], palette: np.ndarray) 
     entries = [{"id": i, "name": name, "color": [int(v) for v in palette[i]]}
                for i, name in enumerate(classes)]
     _write_bytes(path, (json.dumps(entries, indent=2) + "\n").encode())
+
+
+@dataclass(frozen=True)
+class SavedLogits:
+    """What `deeplab segment --format logits` keeps so that `deeplab crf` can finish without the network."""
+
+    logits: np.ndarray  # (C, h', w') float32 stride-8 scores
+    work_size: tuple[int, int]  # (h, w) the network saw
+    image_size: tuple[int, int]  # (H, W) of the decoded image
+    model: str
+
+
+def write_logits(path: Path, saved: SavedLogits) -> None:
+    write_npz(path, logits=saved.logits.astype(np.float32), work_size=np.array(saved.work_size, np.int64),
+              image_size=np.array(saved.image_size, np.int64), model=np.array(saved.model))
+
+
+def read_logits(path: Path) -> SavedLogits:
+    """Read a `.logits.npz`; InputError("<path>: <reason>") when missing, unreadable or incomplete."""
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            logits, work, size, model = (npz[k] for k in ("logits", "work_size", "image_size", "model"))
+    except FileNotFoundError:
+        raise InputError(f"{path}: no logits file (run `deeplab segment --format logits` first)") from None
+    except KeyError as e:
+        raise InputError(f"{path}: not a deeplab logits file (no {e} array)") from None
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+        raise InputError(f"{path}: unreadable logits file ({e})") from None
+    if logits.ndim != 3 or work.shape != (2,) or size.shape != (2,):
+        raise InputError(f"{path}: logits file has unexpected shapes {logits.shape}, {work.shape}, {size.shape}")
+    return SavedLogits(logits, (int(work[0]), int(work[1])), (int(size[0]), int(size[1])), str(model))

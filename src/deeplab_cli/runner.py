@@ -7,15 +7,16 @@ are written atomically, so an image whose outputs all exist is complete and is s
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
 from deeplab_cli.crf import CRFParams, dense_crf
 from deeplab_cli.errors import InputError
-from deeplab_cli.images import load_image, resize_for_network
+from deeplab_cli.images import load_image, resize_for_network, resize_to
 from deeplab_cli.inputs import Job
 from deeplab_cli.upsample import caffe_interp, labels_from_scores, resize_probs, softmax
 
@@ -52,77 +53,115 @@ def output_paths(job: Job, settings: Settings) -> list[Path]:
     return [settings.out / (job.key + FORMAT_SUFFIXES[f]) for f in settings.formats]
 
 
-def refine(image: np.ndarray, logits: np.ndarray, crf: CRFParams | None,
-           size: tuple[int, int], timings: dict[str, float]) -> tuple[np.ndarray, np.ndarray]:
-    """The stages after the network, shared by `segment` and `crf` so both give the same masks.
+@contextmanager
+def _timed(timings: dict[str, float], stage: str):
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        timings[stage] = timings.get(stage, 0.0) + time.perf_counter() - start
 
-    image (H, W, 3) uint8 BGR at the network's working size `size` = (h, w); logits (C, h', w') float32
-    at stride 8. Returns probabilities (C, h, w) float32 (CRF marginals when `crf` is set, else the
-    softmax) and labels (h, w) uint8.
+
+def scores_to_probs(logits: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """(C, h', w') float32 stride-8 logits -> (C, h, w) float32 softmax at the working size `size`."""
+    return softmax(caffe_interp(logits, *size))
+
+
+def refine(image: np.ndarray, probs: np.ndarray, crf: CRFParams | None,
+           image_size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """The CRF and the way back to the image's size, shared by `segment`, `crf` and `crf tune`.
+
+    image (h, w, 3) uint8 BGR and probs (C, h, w) float32 at the working size. Returns probabilities
+    (C, H, W) float32 (CRF marginals when `crf` is set) and labels (H, W) uint8 at `image_size`.
     """
-    clock = time.perf_counter()
-    probs = softmax(caffe_interp(logits, *size))
-    timings["upsample"] = time.perf_counter() - clock
     if crf is not None:
-        clock = time.perf_counter()
         # RGB as DeepLab's CRF binary read it: pydensecrf's lattice is not symmetric in the channels.
         probs = dense_crf(image[..., ::-1], probs, crf)
-        timings["crf"] = time.perf_counter() - clock
+    if probs.shape[1:] != tuple(image_size):
+        probs = resize_probs(probs, *image_size)
     return probs, labels_from_scores(probs)
 
 
-def to_original_size(probs: np.ndarray, labels: np.ndarray, height: int, width: int):
-    """Bring working-size results back to the image: probabilities bilinearly, labels from them."""
-    if probs.shape[1:] == (height, width):
-        return probs, labels
-    probs = resize_probs(probs, height, width)
-    return probs, labels_from_scores(probs)
+def attempt(job: Job, settings: Settings, work: Callable[[dict[str, float]], None]) -> Result:
+    """Run `work(timings)` for one job unless its outputs exist; any failure becomes the Result's error."""
+    result = Result(job, "ok", output_paths(job, settings))
+    if not settings.overwrite and all(p.is_file() for p in result.outputs):
+        result.status = "skipped"
+        return result
+    try:
+        work(result.timings)
+    except InputError as e:
+        result.status, result.error, result.outputs = "error", str(e), []
+    except Exception as e:  # one odd file must not end a batch of thousands; it is reported, and exit is 1
+        result.status, result.error, result.outputs = "error", f"{job.source}: {type(e).__name__}: {e}", []
+    return result
 
 
 def segment(jobs: Iterable[Job], session, settings: Settings) -> Iterator[Result]:
-    """Process `jobs` one after another, yielding one Result per job."""
-    from deeplab_cli.outputs import voc_palette
-
-    palette = voc_palette()
+    """Process `jobs` one after another in this process, yielding one Result per job."""
     for job in jobs:
-        result = Result(job, "ok", output_paths(job, settings))
-        if not settings.overwrite and all(p.is_file() for p in result.outputs):
-            result.status = "skipped"
-            yield result
-            continue
-        try:
-            _segment_one(job, session, settings, palette, result.timings)
-        except InputError as e:
-            result.status, result.error, result.outputs = "error", str(e), []
-        except Exception as e:  # one odd file must not end a batch of thousands; it is reported, and exit is 1
-            result.status, result.error, result.outputs = "error", f"{job.source}: {type(e).__name__}: {e}", []
-        yield result
+        yield attempt(job, settings, lambda timings: _segment_one(job, session, settings, timings))
 
 
-def _segment_one(job: Job, session, settings: Settings, palette: np.ndarray, timings: dict[str, float]) -> None:
-    clock = time.perf_counter()
-    image = load_image(job.source)
-    small = resize_for_network(image, settings.max_size)
-    timings["load"] = time.perf_counter() - clock
-
-    clock = time.perf_counter()
-    pad = None if settings.pad_to is None else (settings.pad_to, settings.pad_to)
-    logits = session.logits(small[None], pad)[0]
-    timings["network"] = time.perf_counter() - clock
-
-    probs, labels = refine(small, logits, settings.crf, small.shape[:2], timings)
-    probs, labels = to_original_size(probs, labels, *image.shape[:2])
-
-    clock = time.perf_counter()
-    write_outputs(job, settings, image=image, labels=labels, probs=probs, logits=logits,
-                  work_size=small.shape[:2], palette=palette, model=session.model_name)
-    timings["write"] = time.perf_counter() - clock
+def _segment_one(job: Job, session, settings: Settings, timings: dict[str, float]) -> None:
+    with _timed(timings, "load"):
+        image = load_image(job.source)
+        small = resize_for_network(image, settings.max_size)
+    with _timed(timings, "network"):
+        pad = None if settings.pad_to is None else (settings.pad_to, settings.pad_to)
+        logits = session.logits(small[None], pad)[0]
+    finish(job, settings, image, small, logits, session.model_name, timings)
 
 
-def write_outputs(job: Job, settings: Settings, *, image, labels, probs, logits, work_size, palette, model) -> None:
+def finish(job: Job, settings: Settings, image: np.ndarray, small: np.ndarray, logits: np.ndarray,
+           model: str, timings: dict[str, float]) -> None:
+    """Everything after the network for one image: upsampling, softmax, CRF, argmax, outputs."""
+    with _timed(timings, "upsample"):
+        probs = scores_to_probs(logits, small.shape[:2])
+    with _timed(timings, "crf"):
+        probs, labels = refine(small, probs, settings.crf, image.shape[:2])
+    with _timed(timings, "write"):
+        write_outputs(job, settings, image=image, labels=labels, probs=probs, logits=logits,
+                      work_size=small.shape[:2], model=model)
+
+
+def crf_one(job: Job, logits_dir: Path, settings: Settings) -> Result:
+    """`deeplab crf` for one image: its saved logits (LOGITS/<key>.logits.npz) through the same stages."""
+    from deeplab_cli.outputs import read_logits
+
+    def work(timings):
+        with _timed(timings, "load"):
+            image = load_image(job.source)
+            saved = read_logits(logits_dir / (job.key + FORMAT_SUFFIXES["logits"]))
+            if tuple(saved.image_size) != image.shape[:2]:
+                raise InputError(f"{job.source}: image is {image.shape[0]}x{image.shape[1]} but its logits were "
+                                 f"computed for {saved.image_size[0]}x{saved.image_size[1]}")
+            small = resize_to(image, saved.work_size)
+        finish(job, settings, image, small, saved.logits, saved.model, timings)
+
+    return attempt(job, settings, work)
+
+
+def parallel_map(function: Callable, items: Iterable, jobs: int) -> Iterator:
+    """`map` over worker processes, results in completion order so each is reported as soon as it is done.
+
+    Workers are spawned, not forked: a fork of a process holding onnxruntime's or OpenBLAS's threads can
+    deadlock. With jobs == 1 everything runs in this process.
+    """
+    if jobs <= 1:
+        yield from map(function, items)
+        return
+    import multiprocessing
+
+    with multiprocessing.get_context("spawn").Pool(jobs) as pool:
+        yield from pool.imap_unordered(function, items)
+
+
+def write_outputs(job: Job, settings: Settings, *, image, labels, probs, logits, work_size, model) -> None:
     """Write each requested format for one image; every file appears complete or not at all."""
     from deeplab_cli import outputs
 
+    palette = outputs.voc_palette()
     for fmt, path in zip(settings.formats, output_paths(job, settings)):
         if fmt == "index":
             outputs.write_index_png(path, labels, palette)
@@ -133,6 +172,4 @@ def write_outputs(job: Job, settings: Settings, *, image, labels, probs, logits,
         elif fmt == "probs":
             outputs.write_npz(path, probs=probs.astype(np.float16))
         elif fmt == "logits":
-            # Enough for `deeplab crf` to finish the job later without the network.
-            outputs.write_npz(path, logits=logits, work_size=np.array(work_size, np.int64),
-                              image_size=np.array(image.shape[:2], np.int64), model=np.array(model))
+            outputs.write_logits(path, outputs.SavedLogits(logits, tuple(work_size), image.shape[:2], model))

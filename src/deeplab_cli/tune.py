@@ -1,0 +1,71 @@
+"""The paper's CRF cross-validation: a grid over the bilateral kernel, scored by mean IoU on labelled images."""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+
+from deeplab_cli.crf import CRFParams
+from deeplab_cli.errors import InputError
+
+def parse_values(text: str) -> tuple[float, ...]:
+    """'5:10:1' (start:stop:step, stop included), '4,5,6' or '4' -> the values. ValueError if malformed."""
+    try:
+        if ":" in text:
+            start, stop, step = (float(v) for v in text.split(":"))
+            if step <= 0 or stop < start:
+                raise ValueError
+            count = int(np.floor((stop - start) / step + 1e-9)) + 1
+            return tuple(round(start + i * step, 10) for i in range(count))
+        return tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise ValueError(f"{text!r} is not START:STOP:STEP or a comma-separated list of numbers") from None
+
+
+def grid(base: CRFParams, ranges: dict[str, tuple[float, ...]]) -> list[CRFParams]:
+    """Every combination of `ranges` (CRFParams field -> values), the other fields from `base`."""
+    names = list(ranges)
+    return [replace(base, **dict(zip(names, values))) for values in itertools.product(*(ranges[n] for n in names))]
+
+
+@dataclass(frozen=True)
+class Sample:
+    image: Path
+    logits: Path
+    truth: Path
+
+
+def sample_confusions(sample: Sample, settings: list[CRFParams], num_classes: int) -> np.ndarray:
+    """(len(settings), num_classes, num_classes + 1) confusion matrices of one image under each setting.
+
+    The image, logits and softmax are prepared once; each setting then runs the same CRF and resize as
+    `deeplab crf`, so a setting's score here is what applying it gives.
+    """
+    from deeplab_cli.evaluate import confusion_matrix
+    from deeplab_cli.images import load_image, resize_to
+    from deeplab_cli.outputs import read_index_png, read_logits
+    from deeplab_cli.runner import refine, scores_to_probs
+
+    image = load_image(sample.image)
+    saved = read_logits(sample.logits)
+    truth = read_index_png(sample.truth)
+    if truth.shape != image.shape[:2]:
+        raise InputError(f"{sample.truth}: ground truth is {truth.shape[0]}x{truth.shape[1]}, "
+                         f"image is {image.shape[0]}x{image.shape[1]}")
+    small = resize_to(image, saved.work_size)
+    probs = scores_to_probs(saved.logits, saved.work_size)
+    return np.stack([confusion_matrix(truth, refine(small, probs, p, image.shape[:2])[1], num_classes)
+                     for p in settings])
+
+
+def score_sample(sample: Sample, settings: list[CRFParams], num_classes: int):
+    """Worker entry point: (sample, confusions or None, error message or None)."""
+    try:
+        return sample, sample_confusions(sample, settings, num_classes), None
+    except InputError as e:
+        return sample, None, str(e)
+    except Exception as e:  # reported per sample, like every batch command
+        return sample, None, f"{sample.image}: {type(e).__name__}: {e}"
