@@ -78,8 +78,7 @@ output_options = _options(
                  help="Colour weight for --format overlay."),
 )
 
-jobs_option = click.option("-j", "--jobs", type=click.IntRange(min=1), default=os.cpu_count() or 1,
-                           show_default="all cores", help="CPU worker processes.")
+jobs_option = click.option("-j", "--jobs", type=click.IntRange(min=1), help="CPU worker processes [all cores].")
 
 crf_options = _options(
     click.option("--crf-params", type=click.Path(exists=True, dir_okay=False, path_type=Path),
@@ -184,14 +183,17 @@ def _download_progress():
               help="A model name from `deeplab models list`, or a path to an .onnx file.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--threads", type=click.IntRange(min=1), help="onnxruntime threads (default: all cores).")
+@click.option("-j", "--jobs", type=click.IntRange(min=0),
+              help="CRF worker processes (default: all cores with a GPU, half of them on the CPU; 0: no workers).")
+@click.option("--batch-size", type=click.IntRange(min=1), help="Images of equal size per network call (default: 8 on a GPU, 1 on the CPU).")
 @click.option("--max-size", type=click.IntRange(min=0), default=513, show_default=True,
               help="Longer side the network sees; larger images are scaled down, results brought back. 0: no limit.")
 @click.option("--pad-to", type=click.IntRange(min=1), help="Pad bottom/right with the mean to this size, as the paper's test protocol (513).")
 @output_options
 @click.option("--crf/--no-crf", default=True, show_default=True, help="Refine with the fully connected CRF.")
 @crf_options
-def segment(inputs, out, recursive, overwrite, shard, as_json, quiet, model, device, threads, max_size, pad_to,
-            formats, alpha, crf, crf_params, **crf_opts):
+def segment(inputs, out, recursive, overwrite, shard, as_json, quiet, model, device, threads, jobs, batch_size,
+            max_size, pad_to, formats, alpha, crf, crf_params, **crf_opts):
     """Segment images: files, folders, or `-` for a list of paths on stdin.
 
     \b
@@ -202,11 +204,11 @@ def segment(inputs, out, recursive, overwrite, shard, as_json, quiet, model, dev
     from deeplab_cli.outputs import voc_palette, write_classes_json
     from deeplab_cli.runtime import open_session
 
-    jobs = gather_jobs(inputs, recursive, shard)
+    job_list = gather_jobs(inputs, recursive, shard)
     model_path, crf_defaults = resolve_model(model)
     params = crf_settings(crf_defaults, crf_params, crf_opts) if crf else None
     try:
-        session = open_session(model_path, device, threads)
+        session = open_session(model_path, device, threads, spin=jobs == 0)
     except ValueError as e:
         raise click.BadParameter(str(e), param_hint="--device") from None
     if device == "auto" and not quiet:
@@ -215,8 +217,10 @@ def segment(inputs, out, recursive, overwrite, shard, as_json, quiet, model, dev
                                max_size=max_size or None, pad_to=pad_to, crf=params, alpha=alpha,
                                overwrite=overwrite)
     write_classes_json(out / "classes.json", session.classes, voc_palette())
-    results = runner.segment(jobs, session, settings)
-    sys.exit(report(results, len(jobs), as_json, quiet, session.provider))
+    on_gpu = session.provider != "CPUExecutionProvider"
+    workers = runner.default_workers(session.provider) if jobs is None else jobs
+    results = runner.segment(job_list, session, settings, workers, batch_size or (8 if on_gpu else 1))
+    sys.exit(report(results, len(job_list), as_json, quiet, session.provider))
 
 
 @cli.command()
@@ -248,7 +252,7 @@ def crf(inputs, logits_dir, out, recursive, overwrite, shard, as_json, quiet, fo
                                crf=crf_settings({}, crf_params, crf_opts), alpha=alpha, overwrite=overwrite)
     write_classes_json(out / "classes.json", VOC_CLASSES, voc_palette())
     work = functools.partial(runner.crf_one, logits_dir=logits_dir, settings=settings)
-    results = runner.parallel_map(work, job_list, min(jobs, max(1, len(job_list))))
+    results = runner.parallel_map(work, job_list, min(jobs or runner.usable_cores(), max(1, len(job_list))))
     sys.exit(report(results, len(job_list), as_json, quiet, "cpu"))
 
 
@@ -298,7 +302,7 @@ def crf_tune(inputs, logits_dir, gt_dir, out, recursive, limit, bi_w, bi_xy_std,
     work = functools.partial(tune.score_sample, settings=settings, num_classes=num_classes)
     total, failed = np.zeros((len(settings), num_classes, num_classes + 1), np.int64), 0
     with tqdm(total=len(samples), disable=quiet or not sys.stderr.isatty(), unit="img", file=sys.stderr) as bar:
-        for _, confusions, error in runner.parallel_map(work, samples, min(jobs, max(1, len(samples)))):
+        for _, confusions, error in runner.parallel_map(work, samples, min(jobs or runner.usable_cores(), max(1, len(samples)))):
             if error:
                 failed += 1
                 bar.write(f"deeplab: {error}", file=sys.stderr)

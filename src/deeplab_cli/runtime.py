@@ -52,8 +52,12 @@ def installed_onnxruntime() -> list[str]:
     return found
 
 
-def open_session(model_path: str | os.PathLike, device: str = "auto", threads: int | None = None) -> Session:
-    """Load `model_path` on `device`. `cuda` never falls back to the CPU: it fails with the reason."""
+def open_session(model_path: str | os.PathLike, device: str = "auto", threads: int | None = None,
+                 spin: bool = True) -> Session:
+    """Load `model_path` on `device`. `cuda` never falls back to the CPU: it fails with the reason.
+
+    spin=False stops idle onnxruntime threads from busy-waiting, which would take cores from CRF workers.
+    """
     kind, device_id = parse_device(device)
     packages = installed_onnxruntime()
     if len(packages) > 1:
@@ -89,6 +93,8 @@ def open_session(model_path: str | os.PathLike, device: str = "auto", threads: i
     if threads:
         options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
+    if not spin:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     try:
         session = ort.InferenceSession(os.fspath(model_path), options, providers=providers)
     except Exception as e:  # onnxruntime raises its own untyped errors for unreadable or invalid models

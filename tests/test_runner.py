@@ -1,0 +1,106 @@
+"""The batch runner: the pipelined path gives exactly the serial path's outputs, with bounded memory."""
+
+import threading
+import time
+
+import cv2
+import numpy as np
+import pytest
+
+from conftest import natural_image
+from deeplab_cli import runner
+from deeplab_cli.inputs import collect
+from deeplab_cli.runtime import open_session
+
+
+@pytest.fixture(scope="module")
+def session(onnx_model):
+    return open_session(onnx_model, "cpu", spin=False)
+
+
+@pytest.fixture
+def folder(tmp_path):
+    root = tmp_path / "img"
+    root.mkdir()
+    for i, size in enumerate([(40, 52), (40, 52), (33, 47), (40, 52), (61, 30)]):
+        cv2.imwrite(str(root / f"{i}.png"), natural_image(*size, seed=40 + i))
+    (root / "5.png").write_text("not an image")
+    return root
+
+
+def run(folder, session, out, **options):
+    settings = runner.Settings(out=out, formats=("index", "probs", "logits"))
+    workers, batch = options.get("workers", 0), options.get("batch_size", 1)
+    return {r.job.key: r for r in runner.segment(collect([str(folder)]), session, settings, workers, batch)}
+
+
+def test_pipeline_writes_what_the_serial_path_writes(folder, session, tmp_path):
+    serial = run(folder, session, tmp_path / "serial")
+    piped = run(folder, session, tmp_path / "piped", workers=2)
+    assert {k: r.status for k, r in serial.items()} == {k: r.status for k, r in piped.items()}
+    assert piped["5"].status == "error" and "5.png" in piped["5"].error
+    files = sorted(p.relative_to(tmp_path / "serial") for p in (tmp_path / "serial").rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(tmp_path / "piped") for p in (tmp_path / "piped").rglob("*") if p.is_file())
+    for name in files:
+        assert (tmp_path / "serial" / name).read_bytes() == (tmp_path / "piped" / name).read_bytes(), name
+    assert {"load", "network", "upsample", "crf", "write"} <= set(piped["0"].timings)
+
+
+def test_batches_of_equal_sizes(folder, session, tmp_path):
+    single = run(folder, session, tmp_path / "one")
+    batched = run(folder, session, tmp_path / "three", batch_size=3)
+    assert {k: r.status for k, r in single.items()} == {k: r.status for k, r in batched.items()}
+    for key in ("0", "1", "2", "3", "4"):
+        a, b = (np.load(tmp_path / d / f"{key}.logits.npz")["logits"] for d in ("one", "three"))
+        assert np.abs(a - b).max() <= 1e-5 * np.abs(a).max()
+        assert (cv2.imread(str(tmp_path / "one" / f"{key}.png")) == cv2.imread(str(tmp_path / "three" / f"{key}.png"))).mean() > 0.999
+
+
+def test_batches_group_consecutive_equal_sizes():
+    def item(h):
+        return runner._Loaded(None, None, np.zeros((h, 5, 3), np.uint8), {})
+
+    failure = runner.Result(None, "error")
+    groups = list(runner._batches(iter([item(4), item(4), item(4), failure, item(4), item(6), item(6)]), 2))
+    shapes = [g if isinstance(g, runner.Result) else [i.small.shape[0] for i in g] for g in groups]
+    assert shapes == [[4, 4], failure, [4, 4], [6, 6]]
+
+
+def test_network_failure_costs_only_its_batch(folder, tmp_path):
+    class Picky:
+        model_name = "picky"
+
+        def logits(self, images, pad_to=None):
+            if images.shape[1:3] == (33, 47):
+                raise RuntimeError("out of memory\non this one")
+            h, w = images.shape[1:3]
+            for _ in range(3):  # Caffe's rounding up
+                h, w = h // 2 + 1, w // 2 + 1
+            return np.zeros((len(images), 21, h, w), np.float32)
+
+    results = run(folder, Picky(), tmp_path / "m", workers=1)
+    assert results["2"].status == "error"
+    assert results["2"].error.endswith("2.png: RuntimeError: out of memory on this one")
+    assert [k for k, r in results.items() if r.status == "ok"] == ["0", "1", "3", "4"]
+
+
+def test_decoding_runs_a_bounded_distance_ahead(tmp_path, monkeypatch):
+    for i in range(12):
+        cv2.imwrite(str(tmp_path / f"{i:02d}.png"), natural_image(9, 9, seed=i))
+    loaded = []
+    real_load = runner.load_image
+    monkeypatch.setattr(runner, "load_image", lambda path: loaded.append(path) or real_load(path))
+    stream = runner._prefetch(collect([str(tmp_path)]), runner.Settings(out=tmp_path / "o"), depth=2)
+    for consumed in range(1, 13):
+        next(stream)
+        time.sleep(0.02)  # give the loader every chance to run ahead
+        assert len(loaded) <= consumed + 2
+    assert next(stream, None) is None
+
+
+def test_completed_outputs_are_skipped_first(folder, session, tmp_path):
+    run(folder, session, tmp_path / "m")
+    again = list(runner.segment(collect([str(folder)]), session,
+                                runner.Settings(out=tmp_path / "m", formats=("index", "probs", "logits")), 1))
+    assert [r.status for r in again[:5]] == ["skipped"] * 5
+    assert again[5].status == "error"
