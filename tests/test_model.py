@@ -103,3 +103,29 @@ def test_check_weights_accepts_legacy_bias_shape(weights):
     w, b = weights["fc7"]
     checked = check_weights(dict(weights, fc7=(w, b.reshape(1, 1, 1, -1))), "f")
     assert checked["fc7"][1].shape == (1024,)
+
+
+@pytest.fixture(scope="module")
+def probs_model(weights, tmp_path_factory):
+    path = tmp_path_factory.mktemp("heads") / "with_probs.onnx"
+    onnx.save(build_onnx(check_weights(weights, "w"), classes=[str(i) for i in range(21)], model_name="t",
+                         source_sha256="", with_probs=True), path)
+    return path
+
+
+@pytest.mark.parametrize("size,pad_to", [((37, 45), None), ((1, 1), None), ((30, 52), (65, 70))])
+def test_probs_and_labels_in_the_graph(probs_model, size, pad_to):
+    from reference import caffe_interp
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    session = ort.InferenceSession(str(probs_model), options, providers=["CPUExecutionProvider"])
+    feeds = {"image": natural_image(*size, seed=9)[None]}
+    if pad_to:
+        feeds["pad_to"] = np.array(pad_to, np.int64)
+    logits, probs, labels = (o[0] for o in session.run(["logits", "probs", "labels"], feeds))
+    scores = caffe_interp(logits, *size).astype(np.float64)
+    expected = np.exp(scores - scores.max(0)) / np.exp(scores - scores.max(0)).sum(0)
+    assert probs.shape == (21, *size) and labels.shape == size and labels.dtype == np.uint8
+    assert np.abs(probs - expected).max() < 1e-5
+    assert (labels == expected.argmax(0)).mean() > 0.999

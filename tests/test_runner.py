@@ -68,15 +68,15 @@ def test_batches_group_consecutive_equal_sizes():
 
 def test_network_failure_costs_only_its_batch(folder, tmp_path):
     class Picky:
-        model_name = "picky"
+        model_name, outputs = "picky", ("logits",)
 
-        def logits(self, images, pad_to=None):
+        def run(self, images, pad_to=None, outputs=("logits",)):
             if images.shape[1:3] == (33, 47):
                 raise RuntimeError("out of memory\non this one")
             h, w = images.shape[1:3]
             for _ in range(3):  # Caffe's rounding up
                 h, w = h // 2 + 1, w // 2 + 1
-            return np.zeros((len(images), 21, h, w), np.float32)
+            return {"logits": np.zeros((len(images), 21, h, w), np.float32)}
 
     results = run(folder, Picky(), tmp_path / "m", workers=1)
     assert results["2"].status == "error"
@@ -104,3 +104,37 @@ def test_completed_outputs_are_skipped_first(folder, session, tmp_path):
                                 runner.Settings(out=tmp_path / "m", formats=("index", "probs", "logits")), 1))
     assert [r.status for r in again[:5]] == ["skipped"] * 5
     assert again[5].status == "error"
+
+
+@pytest.fixture(scope="module")
+def probs_session(weights, tmp_path_factory):
+    import onnx
+
+    from deeplab_cli.model import build_onnx, check_weights
+
+    path = tmp_path_factory.mktemp("gpu") / "model.gpu.onnx"
+    onnx.save(build_onnx(check_weights(weights, "w"), classes=[str(i) for i in range(21)], model_name="t",
+                         source_sha256="", with_probs=True), path)
+    return open_session(path, "cpu")
+
+
+def test_a_graph_that_upsamples_itself_gives_the_same_masks(folder, session, probs_session, tmp_path):
+    host = run(folder, session, tmp_path / "host")
+    device = run(folder, probs_session, tmp_path / "device")
+    assert {k: r.status for k, r in host.items()} == {k: r.status for k, r in device.items()}
+    for key in ("0", "2", "4"):
+        a, b = (cv2.imread(str(tmp_path / d / f"{key}.png"), cv2.IMREAD_UNCHANGED) for d in ("host", "device"))
+        assert (a == b).mean() > 0.999
+
+
+@pytest.mark.parametrize("crf,formats,max_size,expected", [
+    (None, ("index",), None, ("labels",)),
+    (None, ("index",), 20, ("probs",)),  # scaled down: probabilities are needed to come back up
+    (None, ("index", "logits"), None, ("logits", "labels")),
+    (runner.CRFParams(), ("index",), None, ("probs",)),
+])
+def test_only_what_is_needed_comes_back(folder, probs_session, session, tmp_path, crf, formats, max_size, expected):
+    settings = runner.Settings(out=tmp_path, formats=formats, crf=crf, max_size=max_size)
+    item = runner._load(collect([str(folder / "0.png")])[0], settings)
+    assert runner._wanted(probs_session, settings, [item]) == expected
+    assert runner._wanted(session, settings, [item]) == ("logits",)

@@ -152,14 +152,16 @@ def report(results, total: int, as_json: bool, quiet: bool, provider: str) -> in
     return EXIT_FAILED if counts["error"] else EXIT_OK
 
 
-def resolve_model(model: str, float16: bool = False):
-    """--model NAME (from the registry, pulled when missing) or a path to an .onnx file -> (path, CRF defaults)."""
+def resolve_model(model: str, gpu: bool = False, float16: bool = False):
+    """--model NAME (from the registry, pulled when missing) or a path to an .onnx file -> (path, CRF defaults).
+
+    For a GPU the registry's graph with the upsampling inside is used (converted on first use)."""
     from deeplab_cli import registry
 
     if model.endswith(".onnx") or os.sep in model:
         return Path(model), {}
     info = registry.get_model(model)
-    return registry.ensure(info, float16, progress=_download_progress()), info.crf
+    return registry.ensure(info, float16, gpu, progress=_download_progress()), info.crf
 
 
 def _download_progress():
@@ -189,11 +191,12 @@ def _download_progress():
 @click.option("--max-size", type=click.IntRange(min=0), default=513, show_default=True,
               help="Longer side the network sees; larger images are scaled down, results brought back. 0: no limit.")
 @click.option("--pad-to", type=click.IntRange(min=1), help="Pad bottom/right with the mean to this size, as the paper's test protocol (513).")
+@click.option("--fp16", is_flag=True, help="The float16 graph (for GPUs; a registry model only).")
 @output_options
 @click.option("--crf/--no-crf", default=True, show_default=True, help="Refine with the fully connected CRF.")
 @crf_options
 def segment(inputs, out, recursive, overwrite, shard, as_json, quiet, model, device, threads, jobs, batch_size,
-            max_size, pad_to, formats, alpha, crf, crf_params, **crf_opts):
+            max_size, pad_to, fp16, formats, alpha, crf, crf_params, **crf_opts):
     """Segment images: files, folders, or `-` for a list of paths on stdin.
 
     \b
@@ -202,15 +205,16 @@ def segment(inputs, out, recursive, overwrite, shard, as_json, quiet, model, dev
     """
     from deeplab_cli import runner
     from deeplab_cli.outputs import voc_palette, write_classes_json
-    from deeplab_cli.runtime import open_session
+    from deeplab_cli.runtime import open_session, wants_cuda
 
     job_list = gather_jobs(inputs, recursive, shard)
-    model_path, crf_defaults = resolve_model(model)
-    params = crf_settings(crf_defaults, crf_params, crf_opts) if crf else None
     try:
-        session = open_session(model_path, device, threads, spin=jobs == 0)
+        gpu = wants_cuda(device)
     except ValueError as e:
         raise click.BadParameter(str(e), param_hint="--device") from None
+    model_path, crf_defaults = resolve_model(model, gpu, fp16)
+    params = crf_settings(crf_defaults, crf_params, crf_opts) if crf else None
+    session = open_session(model_path, device, threads, spin=jobs == 0)
     if device == "auto" and not quiet:
         click.echo(f"deeplab: running on {session.provider}", err=True)
     settings = runner.Settings(out=out, formats=tuple(dict.fromkeys(formats or ("index",))),
@@ -379,12 +383,13 @@ def evaluate(pred_dir, gt_dir, list_file, num_classes, as_json):
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True, help="ONNX file to write.")
 @click.option("--name", default="largefov-voc12", show_default=True, help="Registry model whose classes and mean to use.")
 @click.option("--fp16", is_flag=True, help="Half-precision graph for GPUs (inputs and outputs keep their types).")
-def export(source, output, name, fp16):
+@click.option("--with-probs", is_flag=True, help="Also output upsampled probabilities and labels (what a GPU run uses).")
+def export(source, output, name, fp16, with_probs):
     """Convert a .caffemodel (either layout) or .npz of weights to ONNX."""
     from deeplab_cli.export import export as run_export
     from deeplab_cli.registry import get_model
 
-    digest = run_export(source, output, get_model(name), float16=fp16)
+    digest = run_export(source, output, get_model(name), float16=fp16, with_probs=with_probs)
     click.echo(f"{output}  (source sha256 {digest})")
 
 

@@ -11,7 +11,8 @@ from deeplab_cli.registry import ModelInfo
 from deeplab_cli.weights import load_weights
 
 
-def export(source: str | os.PathLike, out: str | os.PathLike, info: ModelInfo, *, float16: bool = False) -> str:
+def export(source: str | os.PathLike, out: str | os.PathLike, info: ModelInfo, *, float16: bool = False,
+           with_probs: bool = False) -> str:
     """Convert a .caffemodel or .npz to the ONNX graph at `out`; return the source's SHA-256.
 
     Raises WeightsError when `source` is unreadable or not DeepLab-LargeFOV; `out` is then untouched.
@@ -22,6 +23,7 @@ def export(source: str | os.PathLike, out: str | os.PathLike, info: ModelInfo, *
     checked = check_weights(weights.arrays, os.fspath(source), weights.dilations,
                             num_classes=len(info.classes), fc8=info.fc8)
     model = build_onnx(checked, classes=list(info.classes), model_name=info.name, source_sha256=weights.sha256,
-                       mean_bgr=info.mean_bgr, fc8=info.fc8, float16=float16)
+                       mean_bgr=info.mean_bgr, fc8=info.fc8, float16=float16,
+                       with_probs=with_probs)
     atomic_write(Path(out), lambda tmp: onnx.save(model, os.fspath(tmp)))
     return weights.sha256

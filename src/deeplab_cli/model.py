@@ -108,6 +108,7 @@ def _dims(shape: tuple[int, ...]) -> str:
 def build_onnx(
     weights: Weights, *, classes: list[str], model_name: str, source_sha256: str,
     mean_bgr: tuple[float, float, float] = VOC_MEAN_BGR, fc8: str = "fc8_voc12", float16: bool = False,
+    with_probs: bool = False,
 ):
     """Build the LargeFOV inference graph as an `onnx.ModelProto` from checked weights.
 
@@ -115,6 +116,11 @@ def build_onnx(
     [0, 0]): pad the bottom and right to at least this height and width with the mean, the paper's
     513x513 test protocol. Output: `logits` (N, C, h, w) float32. With `float16` the convolutions run in
     half precision while the inputs and outputs keep their types.
+
+    `with_probs` adds what a GPU should finish before anything crosses back to the host: `probs`
+    (N, C, H, W) float32, the softmax of Caffe's Interp upsampling cropped to the (unpadded) image, and
+    `labels` (N, H, W) uint8, their argmax. onnxruntime computes every output whether fetched or not,
+    so CPU runs use the graph without them and upsample in their CRF workers instead.
     """
     import onnx
     from onnx import TensorProto, helper, numpy_helper
@@ -157,6 +163,25 @@ def build_onnx(
         if layer.relu:
             x = node("Relu", [x], f"{layer.name}_relu")
     node("Cast", [x], "logits", to=TensorProto.FLOAT)
+    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", len(classes), "h", "w"])]
+
+    if with_probs:
+        # Caffe's Interp with zoom 8: align-corners onto (h - 1) * 8 + 1 rows, so logit i lands on pixel 8i,
+        # then the top-left crop to the image as it was before padding.
+        logits_shape = node("Shape", ["logits"], "logits_shape")
+        nc = node("Slice", [logits_shape, const("i0", np.array([0], np.int64)), const("i2b", np.array([2], np.int64))], "nc")
+        small_hw = node("Slice", [logits_shape, "i2", "i4"], "logits_hw")
+        zoomed = node("Add", [node("Mul", [node("Sub", [small_hw, const("one", np.array([1], np.int64))], "hw_m1"),
+                                           const("eight", np.array([8], np.int64))], "hw_x8"), "one"], "zoomed_hw")
+        sizes = node("Concat", [nc, zoomed], "interp_sizes", axis=0)
+        up = node("Resize", ["logits", "", "", sizes], "interp", mode="linear",
+                  coordinate_transformation_mode="align_corners")
+        crop = node("Slice", [up, const("zeros2b", np.zeros(2, np.int64)), hw, const("axes23", np.array([2, 3], np.int64))],
+                    "interp_crop")
+        node("Softmax", [crop], "probs", axis=1)
+        node("Cast", [node("ArgMax", ["probs"], "argmax", axis=1, keepdims=0)], "labels", to=TensorProto.UINT8)
+        outputs += [helper.make_tensor_value_info("probs", TensorProto.FLOAT, ["N", len(classes), "H", "W"]),
+                    helper.make_tensor_value_info("labels", TensorProto.UINT8, ["N", "H", "W"])]
 
     graph = helper.make_graph(
         nodes, "deeplab_largefov",
@@ -164,7 +189,7 @@ def build_onnx(
             helper.make_tensor_value_info("image", TensorProto.UINT8, ["N", "H", "W", 3]),
             helper.make_tensor_value_info("pad_to", TensorProto.INT64, [2]),
         ],
-        outputs=[helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", len(classes), "h", "w"])],
+        outputs=outputs,
         initializer=inits,
     )
     # An initializer that is also a graph input is an input with a default value: callers may omit pad_to.

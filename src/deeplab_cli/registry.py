@@ -1,7 +1,8 @@
 """The models the project knows (`models/*.toml`) and the local cache of their weights and graphs.
 
 Cache layout: `$DEEPLAB_HOME/<name>/<source file>` (the published weights, kept for re-conversion) and
-`$DEEPLAB_HOME/<name>/model.onnx` (`model.fp16.onnx` for the float16 graph). DEEPLAB_HOME defaults to
+`$DEEPLAB_HOME/<name>/model.onnx`, with `model.gpu.onnx` / `model.gpu.fp16.onnx` (the graph with the
+upsampling and softmax inside, in float32 / float16) converted from the weights on first use. DEEPLAB_HOME defaults to
 the user cache directory; point it at a shared filesystem to pull once for a whole cluster.
 """
 
@@ -79,8 +80,8 @@ def weights_path(info: ModelInfo) -> Path:
     return cache_dir() / info.name / info.file
 
 
-def onnx_path(info: ModelInfo, float16: bool = False) -> Path:
-    return cache_dir() / info.name / ("model.fp16.onnx" if float16 else "model.onnx")
+def onnx_path(info: ModelInfo, float16: bool = False, gpu: bool = False) -> Path:
+    return cache_dir() / info.name / ("model" + ".gpu" * gpu + ".fp16" * float16 + ".onnx")
 
 
 def download_urls(info: ModelInfo) -> list[str]:
@@ -132,11 +133,11 @@ def import_file(info: ModelInfo, source: Path) -> tuple[Path, str]:
     return onnx_path(info), digest
 
 
-def ensure(info: ModelInfo, float16: bool = False, progress=None) -> Path:
+def ensure(info: ModelInfo, float16: bool = False, gpu: bool = False, progress=None) -> Path:
     """The cached ONNX graph, pulled (unless offline) or converted from cached weights when missing."""
     from deeplab_cli.export import export
 
-    path = onnx_path(info, float16)
+    path = onnx_path(info, float16, gpu)
     if path.is_file():
         return path
     if not weights_path(info).is_file():
@@ -150,7 +151,7 @@ def ensure(info: ModelInfo, float16: bool = False, progress=None) -> Path:
                              f"({e}); {how_to_get(info)}") from None
         if path.is_file():
             return path
-    export(weights_path(info), path, info, float16=float16)
+    export(weights_path(info), path, info, float16=float16, with_probs=gpu)
     return path
 
 

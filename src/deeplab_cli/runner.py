@@ -155,21 +155,31 @@ def _batches(items: Iterator[_Loaded | Result], size: int) -> Iterator[list[_Loa
         yield batch
 
 
-def _network(batch: list[_Loaded], session, settings: Settings) -> list[tuple[_Loaded, np.ndarray | None, Result | None]]:
-    """Run one batch: (item, its logits, None), or (item, None, error Result) for every item if it fails."""
+def _wanted(session, settings: Settings, batch: list[_Loaded]) -> tuple[str, ...]:
+    """The outputs to fetch: stride-8 logits for a CPU graph (its workers upsample); from a graph with the
+    upsampling inside, only what this batch needs, since every byte crosses back from the device."""
+    if "probs" not in session.outputs:
+        return ("logits",)
+    resized = any(item.image.shape != item.small.shape for item in batch)
+    finished = "probs" if settings.crf is not None or "probs" in settings.formats or resized else "labels"
+    return ("logits", finished) if "logits" in settings.formats else (finished,)
+
+
+def _network(batch: list[_Loaded], session, settings: Settings) -> list[tuple[_Loaded, dict | None, Result | None]]:
+    """Run one batch: (item, its outputs, None), or (item, None, error Result) for every item if it fails."""
     pad = None if settings.pad_to is None else (settings.pad_to, settings.pad_to)
     images = batch[0].small[None] if len(batch) == 1 else np.stack([item.small for item in batch])
     start = time.perf_counter()
     try:
-        logits, error = session.logits(images, pad), None
+        out, error = session.run(images, pad, _wanted(session, settings, batch)), None
     except Exception as e:  # e.g. onnxruntime running out of memory on one huge image
-        logits, error = None, e
+        out, error = None, e
     seconds = (time.perf_counter() - start) / len(batch)
     rows = []
     for i, item in enumerate(batch):
         item.timings["network"] = seconds
         if error is None:
-            rows.append((item, logits[i], None))
+            rows.append((item, {name: value[i] for name, value in out.items()}, None))
         else:
             rows.append((item, None, Result(item.job, "error", [], _message(item.job, error), item.timings)))
     return rows
@@ -198,9 +208,9 @@ def segment(jobs: Iterable[Job], session, settings: Settings, workers: int = 0,
             if isinstance(batch, Result):
                 yield batch
                 continue
-            for item, logits, failed in _network(batch, session, settings):
+            for item, net, failed in _network(batch, session, settings):
                 yield failed or attempt(item.job, settings, lambda t: finish(
-                    item.job, settings, item.image, item.small, logits, session.model_name, t), item.timings)
+                    item.job, settings, item.image, item.small, net, session.model_name, t), item.timings)
         return
     yield from _pipeline(_batches(loaded, batch_size), session, settings, workers)
 
@@ -218,11 +228,11 @@ def _pipeline(batches, session, settings: Settings, workers: int) -> Iterator[Re
             if isinstance(batch, Result):
                 yield batch
                 continue
-            for item, logits, failed in _network(batch, session, settings):
+            for item, net, failed in _network(batch, session, settings):
                 if failed:
                     yield failed
                     continue
-                pending.add(pool.submit(finish_job, item.job, settings, item.image, item.small, logits,
+                pending.add(pool.submit(finish_job, item.job, settings, item.image, item.small, net,
                                         session.model_name, item.timings))
             # Two images per worker in flight keep every worker busy without piling up decoded images.
             done, pending = wait(pending, timeout=0 if len(pending) < 2 * workers else None,
@@ -233,21 +243,27 @@ def _pipeline(batches, session, settings: Settings, workers: int) -> Iterator[Re
             yield from (future.result() for future in done)
 
 
-def finish_job(job: Job, settings: Settings, image: np.ndarray, small: np.ndarray, logits: np.ndarray,
+def finish_job(job: Job, settings: Settings, image: np.ndarray, small: np.ndarray, net: dict[str, np.ndarray],
                model: str, timings: dict[str, float]) -> Result:
     """A CRF worker's task: `finish` for one image, its failure reported in the Result."""
-    return attempt(job, settings, lambda t: finish(job, settings, image, small, logits, model, t), timings)
+    return attempt(job, settings, lambda t: finish(job, settings, image, small, net, model, t), timings)
 
 
-def finish(job: Job, settings: Settings, image: np.ndarray, small: np.ndarray, logits: np.ndarray,
+def finish(job: Job, settings: Settings, image: np.ndarray, small: np.ndarray, net: dict[str, np.ndarray],
            model: str, timings: dict[str, float]) -> None:
-    """Everything after the network for one image: upsampling, softmax, CRF, argmax, outputs."""
-    with _timed(timings, "upsample"):
-        probs = scores_to_probs(logits, small.shape[:2])
-    with _timed(timings, "crf"):
-        probs, labels = refine(small, probs, settings.crf, image.shape[:2])
+    """Everything after the network for one image: upsampling, softmax, CRF, argmax, outputs.
+
+    image (H, W, 3) and small (h, w, 3) uint8 BGR; `net` holds one image's network outputs: `logits`
+    (C, h', w') float32, and from a graph that upsamples itself, `probs` (C, h, w) or `labels` (h, w).
+    """
+    probs, labels = None, net.get("labels")
+    if labels is None:
+        with _timed(timings, "upsample"):
+            probs = net["probs"] if "probs" in net else scores_to_probs(net["logits"], small.shape[:2])
+        with _timed(timings, "crf"):
+            probs, labels = refine(small, probs, settings.crf, image.shape[:2])
     with _timed(timings, "write"):
-        write_outputs(job, settings, image=image, labels=labels, probs=probs, logits=logits,
+        write_outputs(job, settings, image=image, labels=labels, probs=probs, logits=net.get("logits"),
                       work_size=small.shape[:2], model=model)
 
 
@@ -266,7 +282,7 @@ def crf_one(job: Job, logits_dir: Path, settings: Settings) -> Result:
                 raise InputError(f"{job.source}: image is {image.shape[0]}x{image.shape[1]} but its logits were "
                                  f"computed for {saved.image_size[0]}x{saved.image_size[1]}")
             small = resize_to(image, saved.work_size)
-        finish(job, settings, image, small, saved.logits, saved.model, timings)
+        finish(job, settings, image, small, {"logits": saved.logits}, saved.model, timings)
 
     return attempt(job, settings, work)
 

@@ -25,12 +25,22 @@ class Session:
     classes: list[str]
     model_name: str
 
-    def logits(self, images: np.ndarray, pad_to: tuple[int, int] | None = None) -> np.ndarray:
-        """(N, H, W, 3) uint8 BGR -> (N, C, h, w) float32 stride-8 scores."""
+    def run(self, images: np.ndarray, pad_to: tuple[int, int] | None = None,
+            outputs: tuple[str, ...] = ("logits",)) -> dict[str, np.ndarray]:
+        """(N, H, W, 3) uint8 BGR -> the named outputs: `logits` (N, C, h, w) float32 at stride 8, and with a
+        graph exported `with_probs`, `probs` (N, C, H, W) float32 and `labels` (N, H, W) uint8."""
         feeds = {"image": images}
         if pad_to is not None:
             feeds["pad_to"] = np.asarray(pad_to, np.int64)
-        return self.ort_session.run(["logits"], feeds)[0]
+        return dict(zip(outputs, self.ort_session.run(list(outputs), feeds)))
+
+    def logits(self, images: np.ndarray, pad_to: tuple[int, int] | None = None) -> np.ndarray:
+        """(N, H, W, 3) uint8 BGR -> (N, C, h, w) float32 stride-8 scores."""
+        return self.run(images, pad_to)["logits"]
+
+    @property
+    def outputs(self) -> tuple[str, ...]:
+        return tuple(o.name for o in self.ort_session.get_outputs())
 
 
 def parse_device(device: str) -> tuple[str, int]:
@@ -39,6 +49,18 @@ def parse_device(device: str) -> tuple[str, int]:
     if not match or (match[2] is not None and match[1] != "cuda"):
         raise ValueError(f"unknown device {device!r}: use auto, cpu, cuda or cuda:N")
     return match[1], int(match[2] or 0)
+
+
+def wants_cuda(device: str) -> bool:
+    """Whether `device` will ask for the CUDA provider (for `auto`: whether onnxruntime offers it)."""
+    kind, _ = parse_device(device)
+    if kind != "auto":
+        return kind == "cuda"
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return False
+    return CUDA in ort.get_available_providers()
 
 
 def installed_onnxruntime() -> list[str]:
