@@ -206,3 +206,12 @@ def test_crf_names_missing_and_mismatched_logits(onnx_model, tmp_path):
     assert "1 done, 0 skipped (already done), 2 failed" in result.stderr
     assert "is 31x40 but its logits were computed for 30x40" in result.stderr
     assert f"{tmp_path / 'l/2.logits.npz'}: no logits file" in result.stderr
+
+
+def test_unwritable_output_folder_is_a_usage_error(photo_folder, onnx_model, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    result = segment(photo_folder, "--out", blocker / "masks", "-m", onnx_model)
+    assert result.exit_code == 2
+    assert f"{blocker / 'masks'}: cannot write to the output folder" in result.stderr
+    assert "Traceback" not in result.output

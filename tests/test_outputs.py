@@ -16,6 +16,7 @@ from deeplab_cli.outputs import (
     colorize,
     overlay,
     read_index_png,
+    remove_stale_temporaries,
     voc_palette,
     write_classes_json,
     write_index_png,
@@ -247,9 +248,10 @@ def test_killed_writer_leaves_nothing_or_old_file(tmp_path, had_old_file):
     assert leftovers[0].startswith(".big.bin.") and leftovers[0].endswith(".tmp")
 
 
-def test_next_write_removes_a_killed_writers_leftover(tmp_path):
+def test_stale_temporaries_of_one_target_are_removed(tmp_path):
     target = tmp_path / "mask.png"
     (tmp_path / ".mask.png.0123456789ab.tmp").write_bytes(b"half")
     (tmp_path / ".other.png.0123456789ab.tmp").write_bytes(b"someone else's")
+    remove_stale_temporaries(target)
     atomic_write(target, lambda tmp: tmp.write_bytes(b"whole"))
     assert sorted(p.name for p in tmp_path.iterdir()) == [".other.png.0123456789ab.tmp", "mask.png"]

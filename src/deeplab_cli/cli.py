@@ -152,6 +152,17 @@ def report(results, total: int, as_json: bool, quiet: bool, provider: str) -> in
     return EXIT_FAILED if counts["error"] else EXIT_OK
 
 
+def prepare_out(out: Path, classes) -> None:
+    """Create the output folder with its classes.json, or fail before any work with the reason."""
+    from deeplab_cli.errors import UsageError
+    from deeplab_cli.outputs import voc_palette, write_classes_json
+
+    try:
+        write_classes_json(out / "classes.json", classes, voc_palette())
+    except OSError as e:
+        raise UsageError(f"{out}: cannot write to the output folder ({e.strerror or e})") from None
+
+
 def resolve_model(model: str, gpu: bool = False, float16: bool = False):
     """--model NAME (from the registry, pulled when missing) or a path to an .onnx file -> (path, CRF defaults).
 
@@ -204,7 +215,6 @@ def segment(inputs, out, recursive, overwrite, shard, as_json, quiet, model, dev
       find data -name '*.jpg' | deeplab segment - --out masks/ --json
     """
     from deeplab_cli import runner
-    from deeplab_cli.outputs import voc_palette, write_classes_json
     from deeplab_cli.runtime import open_session, wants_cuda
 
     job_list = gather_jobs(inputs, recursive, shard)
@@ -220,7 +230,7 @@ def segment(inputs, out, recursive, overwrite, shard, as_json, quiet, model, dev
     settings = runner.Settings(out=out, formats=tuple(dict.fromkeys(formats or ("index",))),
                                max_size=max_size or None, pad_to=pad_to, crf=params, alpha=alpha,
                                overwrite=overwrite)
-    write_classes_json(out / "classes.json", session.classes, voc_palette())
+    prepare_out(out, session.classes)
     on_gpu = session.provider != "CPUExecutionProvider"
     workers = runner.default_workers(session.provider) if jobs is None else jobs
     results = runner.segment(job_list, session, settings, workers, batch_size or (8 if on_gpu else 1))
@@ -249,12 +259,12 @@ def crf(inputs, logits_dir, out, recursive, overwrite, shard, as_json, quiet, fo
     import functools
 
     from deeplab_cli import runner
-    from deeplab_cli.outputs import VOC_CLASSES, voc_palette, write_classes_json
+    from deeplab_cli.outputs import VOC_CLASSES
 
     job_list = gather_jobs(inputs, recursive, shard)
     settings = runner.Settings(out=out, formats=tuple(dict.fromkeys(formats or ("index",))),
                                crf=crf_settings({}, crf_params, crf_opts), alpha=alpha, overwrite=overwrite)
-    write_classes_json(out / "classes.json", VOC_CLASSES, voc_palette())
+    prepare_out(out, VOC_CLASSES)
     work = functools.partial(runner.crf_one, logits_dir=logits_dir, settings=settings)
     results = runner.parallel_map(work, job_list, min(jobs or runner.usable_cores(), max(1, len(job_list))))
     sys.exit(report(results, len(job_list), as_json, quiet, "cpu"))

@@ -70,15 +70,11 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     """Write via `write(tmp)` to a hidden `.<name>.<random>.tmp` beside `path`, fsync it, then
     rename it onto `path`. Creates the parent directories.
 
-    Readers and a killed process see either the old file or the complete new one, and the next write
-    to `path` removes what a killed one left behind. On any exception
+    Readers and a killed process see either the old file or the complete new one. On any exception
     the temporary file is removed and the exception propagates (OSErrors unchanged).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    # A run killed mid-write left its temporary beside the target; only one writer owns a target at a time.
-    for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
-        stale.unlink(missing_ok=True)
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
     # O_EXCL never clobbers another file; mode 0o666 lets the umask decide (mkstemp would force 0o600).
     os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
@@ -94,6 +90,13 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def remove_stale_temporaries(path: Path) -> None:
+    """Delete what a killed `atomic_write` to `path` left behind. Only for targets that one writer owns
+    (an image's outputs, which shards never share): it would break a concurrent write to the same path."""
+    for stale in Path(path).parent.glob(f".{glob.escape(Path(path).name)}.*.tmp"):
+        stale.unlink(missing_ok=True)
 
 
 def _write_bytes(path: Path, data: bytes) -> None:

@@ -321,6 +321,7 @@ def write_outputs(job: Job, settings: Settings, *, image, labels, probs, logits,
 
     palette = outputs.voc_palette()
     for fmt, path in zip(settings.formats, output_paths(job, settings)):
+        outputs.remove_stale_temporaries(path)  # left by a killed run; this job's outputs are ours alone
         if fmt == "index":
             outputs.write_index_png(path, labels, palette)
         elif fmt == "color":
