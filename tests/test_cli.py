@@ -147,6 +147,18 @@ def test_missing_model_offline_exits_3(photo_folder, tmp_path):
     assert len(result.stderr.strip().splitlines()) == 1
 
 
+def children_of(pid):
+    found = []
+    for status in Path("/proc").glob("[0-9]*/status"):
+        try:
+            fields = dict(line.split(":\t", 1) for line in status.read_text().splitlines() if ":\t" in line)
+        except OSError:
+            continue
+        if fields.get("PPid", "").strip() == str(pid):
+            found.append(int(status.parent.name))
+    return found
+
+
 def test_sigkill_leaves_only_complete_files_and_resumes(onnx_model, tmp_path):
     src = tmp_path / "img"
     src.mkdir()
@@ -159,8 +171,14 @@ def test_sigkill_leaves_only_complete_files_and_resumes(onnx_model, tmp_path):
     first = child.stdout.readline()  # the first result is written: kill in the middle of the rest
     assert first
     time.sleep(0.3)
+    workers = children_of(child.pid)
+    assert workers  # the CRF worker processes
     child.send_signal(signal.SIGKILL)
     child.wait()
+    deadline = time.monotonic() + 10
+    while any(Path(f"/proc/{pid}").exists() for pid in workers) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not [pid for pid in workers if Path(f"/proc/{pid}").exists()], "orphaned workers outlived the run"
     finished = [p for p in out.rglob("*") if p.is_file() and not p.name.startswith(".")]
     for path in finished:  # every visible file is complete
         if path.suffix == ".png":

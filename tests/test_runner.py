@@ -9,7 +9,7 @@ import pytest
 
 from conftest import natural_image
 from deeplab_cli import runner
-from deeplab_cli.inputs import collect
+from deeplab_cli.inputs import Job, collect
 from deeplab_cli.runtime import open_session
 
 
@@ -138,3 +138,33 @@ def test_only_what_is_needed_comes_back(folder, probs_session, session, tmp_path
     item = runner._load(collect([str(folder / "0.png")])[0], settings)
     assert runner._wanted(probs_session, settings, [item]) == expected
     assert runner._wanted(session, settings, [item]) == ("logits",)
+
+
+class ZeroNet:
+    """A network stand-in that costs nothing, so a long run exercises only the runner's own bookkeeping."""
+
+    model_name, outputs = "zero", ("logits",)
+
+    def run(self, images, pad_to=None, outputs=("logits",)):
+        h, w = images.shape[1:3]
+        for _ in range(3):
+            h, w = h // 2 + 1, w // 2 + 1
+        return {"logits": np.zeros((len(images), 21, h, w), np.float32)}
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_memory_stays_flat_over_long_runs(tmp_path, workers):
+    import tracemalloc
+
+    image = tmp_path / "one.png"
+    cv2.imwrite(str(image), natural_image(120, 160, seed=1))
+    peaks = []
+    for count in (30, 120):
+        jobs = [Job(image, f"n{count}/{i:04d}") for i in range(count)]
+        settings = runner.Settings(out=tmp_path / "out", crf=None)
+        tracemalloc.start()
+        statuses = {r.status for r in runner.segment(jobs, ZeroNet(), settings, workers)}
+        peaks.append(tracemalloc.get_traced_memory()[1])
+        tracemalloc.stop()
+        assert statuses == {"ok"}
+    assert peaks[1] < 1.5 * peaks[0], peaks  # four times the images, not four times the memory

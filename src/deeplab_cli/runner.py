@@ -223,7 +223,8 @@ def _pipeline(batches, session, settings: Settings, workers: int) -> Iterator[Re
     for variable in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ.setdefault(variable, "1")
     pending: set = set()
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                             initializer=_follow_parent, initargs=(os.getpid(),)) as pool:
         for batch in batches:
             if isinstance(batch, Result):
                 yield batch
@@ -287,6 +288,19 @@ def crf_one(job: Job, logits_dir: Path, settings: Settings) -> Result:
     return attempt(job, settings, work)
 
 
+def _follow_parent(parent: int) -> None:
+    """Worker initializer: exit when the parent is gone. A killed `deeplab` (SIGKILL, a scheduler's
+    time limit) runs no cleanup, and its workers would otherwise wait for tasks forever."""
+    import threading
+
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True, name="deeplab-parent-watch").start()
+
+
 def usable_cores() -> int:
     """Cores this process may run on (a batch scheduler's CPU set, not the whole machine)."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
@@ -311,7 +325,7 @@ def parallel_map(function: Callable, items: Iterable, jobs: int) -> Iterator:
         return
     import multiprocessing
 
-    with multiprocessing.get_context("spawn").Pool(jobs) as pool:
+    with multiprocessing.get_context("spawn").Pool(jobs, _follow_parent, (os.getpid(),)) as pool:
         yield from pool.imap_unordered(function, items)
 
 
