@@ -16,7 +16,7 @@ import click
 from deeplab_cli import __version__
 from deeplab_cli.errors import DeeplabError
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_MODEL = 0, 1, 2, 3
+EXIT_OK, EXIT_FAILED = 0, 1  # usage errors exit 2 (click), model and runtime errors 3 (errors.ModelError)
 FORMATS = ("index", "color", "overlay", "probs", "logits")
 
 
@@ -102,9 +102,12 @@ def crf_settings(base: dict, params_file: Path | None, options: dict):
     settings = dict(base)
     if params_file is not None:
         try:
-            settings.update(json.loads(params_file.read_text()))
+            loaded = json.loads(params_file.read_text())
         except (OSError, ValueError) as e:
             raise click.BadParameter(f"{params_file}: {e}", param_hint="--crf-params") from None
+        if not isinstance(loaded, dict):
+            raise click.BadParameter(f"{params_file}: expected a JSON object of CRF settings", param_hint="--crf-params")
+        settings.update(loaded)
     settings.update({CRF_OPTION_KEYS[k]: v for k, v in options.items() if k in CRF_OPTION_KEYS and v is not None})
     try:
         return CRFParams.from_dict(settings)
@@ -130,6 +133,8 @@ def report(results, total: int, as_json: bool, quiet: bool, provider: str) -> in
     from tqdm import tqdm
 
     counts = {"ok": 0, "skipped": 0, "error": 0}
+    if total == 0 and not quiet:
+        click.echo("deeplab: no inputs (folders are searched for image files; -r descends into sub-folders)", err=True)
     show_progress = not quiet and sys.stderr.isatty()
     with tqdm(total=total, disable=not show_progress, unit="img", file=sys.stderr, dynamic_ncols=True) as bar:
         for result in results:
