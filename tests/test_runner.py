@@ -168,3 +168,29 @@ def test_memory_stays_flat_over_long_runs(tmp_path, workers):
         tracemalloc.stop()
         assert statuses == {"ok"}
     assert peaks[1] < 1.5 * peaks[0], peaks  # four times the images, not four times the memory
+
+
+def test_a_killed_worker_costs_nothing(tmp_path, session):
+    import os
+    import signal
+    from pathlib import Path
+
+    from test_cli import children_of
+
+    src = tmp_path / "img"
+    src.mkdir()
+    for i in range(6):
+        cv2.imwrite(str(src / f"{i}.png"), natural_image(150, 200, seed=60 + i))
+    settings = runner.Settings(out=tmp_path / "out")
+    results, killed = [], []
+    for result in runner.segment(collect([str(src)]), session, settings, workers=1):
+        if not results:  # the first image is done and others are in flight: kill the worker
+            for pid in children_of(os.getpid()):
+                if "spawn_main" in Path(f"/proc/{pid}/cmdline").read_text():
+                    os.kill(pid, signal.SIGKILL)
+                    killed.append(pid)
+        results.append(result)
+    assert len(killed) == 1
+    assert sorted(r.job.key for r in results) == [str(i) for i in range(6)]
+    assert {r.status for r in results} == {"ok"}
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [f"{i}.png" for i in range(6)]

@@ -216,15 +216,10 @@ def segment(jobs: Iterable[Job], session, settings: Settings, workers: int = 0,
 
 
 def _pipeline(batches, session, settings: Settings, workers: int) -> Iterator[Result]:
-    import multiprocessing
-    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
-
     # Workers do one image at a time on one core: BLAS threads of their own would only fight the network.
     for variable in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ.setdefault(variable, "1")
-    pending: set = set()
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
-                             initializer=_follow_parent, initargs=(os.getpid(),)) as pool:
+    with _Workers(workers) as pool:
         for batch in batches:
             if isinstance(batch, Result):
                 yield batch
@@ -233,15 +228,71 @@ def _pipeline(batches, session, settings: Settings, workers: int) -> Iterator[Re
                 if failed:
                     yield failed
                     continue
-                pending.add(pool.submit(finish_job, item.job, settings, item.image, item.small, net,
-                                        session.model_name, item.timings))
+                pool.submit((item.job, settings, item.image, item.small, net, session.model_name, item.timings))
             # Two images per worker in flight keep every worker busy without piling up decoded images.
-            done, pending = wait(pending, timeout=0 if len(pending) < 2 * workers else None,
-                                 return_when=FIRST_COMPLETED)
-            yield from (future.result() for future in done)
-        while pending:
-            done, pending = wait(pending, return_when=FIRST_COMPLETED)
-            yield from (future.result() for future in done)
+            yield from pool.results(block=pool.in_flight >= 2 * workers)
+        while pool.in_flight:
+            yield from pool.results(block=True)
+
+
+class _Workers:
+    """Spawned processes running `finish_job`. A worker that dies (the kernel's OOM killer, a crash in
+    native code) breaks the whole pool: its tasks are given once more to a fresh pool, and a task whose
+    second pool breaks too is reported as that image's error, so one bad image cannot end the run."""
+
+    def __init__(self, workers: int):
+        self.workers, self.tasks = workers, {}
+        self.pool = self._new_pool()
+
+    def _new_pool(self):
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        return ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"),
+                                   initializer=_follow_parent, initargs=(os.getpid(),))
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.pool.shutdown(cancel_futures=exc[0] is not None)
+
+    @property
+    def in_flight(self) -> int:
+        return len(self.tasks)
+
+    def submit(self, args: tuple, tries: int = 0) -> None:
+        from concurrent.futures.process import BrokenProcessPool
+
+        try:
+            future = self.pool.submit(finish_job, *args)
+        except BrokenProcessPool:  # broke since the last look: its own tasks are retried as they come back
+            self._replace(self.pool)
+            future = self.pool.submit(finish_job, *args)
+        self.tasks[future] = (args, tries, self.pool)
+
+    def _replace(self, broken) -> None:
+        if self.pool is broken:  # once per breakage, however many of its tasks report it
+            broken.shutdown(wait=False)
+            self.pool = self._new_pool()
+
+    def results(self, block: bool) -> Iterator[Result]:
+        from concurrent.futures import FIRST_COMPLETED, wait
+        from concurrent.futures.process import BrokenProcessPool
+
+        done, _ = wait(list(self.tasks), timeout=None if block else 0, return_when=FIRST_COMPLETED)
+        for future in done:
+            args, tries, pool = self.tasks.pop(future)
+            if not isinstance(future.exception(), BrokenProcessPool):
+                yield future.result()
+                continue
+            self._replace(pool)
+            if tries:
+                job = args[0]
+                yield Result(job, "error", [], f"{job.source}: the worker process died while processing it "
+                                               "(out of memory?)", args[-1])
+            else:
+                self.submit(args, 1)
 
 
 def finish_job(job: Job, settings: Settings, image: np.ndarray, small: np.ndarray, net: dict[str, np.ndarray],
