@@ -1,7 +1,12 @@
+from pathlib import Path
+
 import numpy as np
 import pytest
+from click.testing import CliRunner
 
-from reference import random_weights
+from reference import random_weights, training_net
+
+LENET = Path(__file__).resolve().parents[2] / "shared/data/caffe/lenet_iter_10000.caffemodel"
 
 
 @pytest.fixture(scope="session")
@@ -23,6 +28,46 @@ def onnx_model(weights, tmp_path_factory):
                        model_name="test", source_sha256="0" * 64)
     onnx.save(model, path)
     return path
+
+
+@pytest.fixture(scope="session")
+def largefov_caffemodel(weights, tmp_path_factory):
+    """`weights` as a real DeepLab v1 training snapshot (.caffemodel, old layout), ~82 MB."""
+    from caffe_writer import write_caffemodel
+
+    path = tmp_path_factory.mktemp("weights") / "train2_iter_8000.caffemodel"
+    write_caffemodel(path, training_net(weights), "v1")
+    return path
+
+
+@pytest.fixture
+def deeplab_home(tmp_path, monkeypatch):
+    """An empty DEEPLAB_HOME, with no mirror or offline setting leaking in from the caller's shell."""
+    monkeypatch.setenv("DEEPLAB_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("DEEPLAB_MIRROR", raising=False)
+    monkeypatch.delenv("DEEPLAB_OFFLINE", raising=False)
+    return tmp_path / "home"
+
+
+def files_in(directory):
+    """Everything in `directory`, hidden temporaries included; [] when it does not exist."""
+    return sorted(p.name for p in directory.iterdir()) if directory.exists() else []
+
+
+def run_cli(*args):
+    from deeplab_cli.cli import cli
+
+    return CliRunner().invoke(cli, [str(a) for a in args])
+
+
+def assert_one_line_error(result, exit_code, *phrases):
+    """`exit_code` with one line on stderr that contains every phrase, and no traceback."""
+    assert result.exit_code == exit_code, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "Traceback" not in result.output
+    for phrase in phrases:
+        assert phrase in lines[0]
 
 
 def natural_image(height, width, seed=0):

@@ -1,7 +1,6 @@
 """`deeplab segment` as a user runs it: a messy folder in, masks out, honest exit codes."""
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -10,7 +9,6 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-import pytest
 from click.testing import CliRunner
 from PIL import Image
 
@@ -190,7 +188,7 @@ def test_sigkill_leaves_only_complete_files_and_resumes(onnx_model, tmp_path):
     assert 0 < len([n for n in done_before if n.endswith(".probs.npz")]) < 6
     rerun = subprocess.run(command, capture_output=True, text=True)
     assert rerun.returncode == 0, rerun.stderr
-    assert f"skipped" in rerun.stderr
+    assert "skipped" in rerun.stderr
     assert sorted(p.name for p in out.rglob("*") if p.is_file()) == sorted(
         [f"{i}{s}" for i in range(6) for s in (".png", ".probs.npz")] + ["classes.json"])
 

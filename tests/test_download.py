@@ -10,17 +10,13 @@ import threading
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
 
-from caffe_writer import write_caffemodel
+from conftest import LENET, assert_one_line_error, files_in, run_cli
 from deeplab_cli import registry
-from deeplab_cli.cli import cli
 from deeplab_cli.download import fetch
 from deeplab_cli.errors import DownloadError, ModelError
-from reference import random_weights, training_net
 
 FILE = "train2_iter_8000.caffemodel"
-LENET = Path(__file__).resolve().parents[2] / "shared/data/caffe/lenet_iter_10000.caffemodel"
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):
@@ -71,11 +67,8 @@ class LocalServer:
 
 
 @pytest.fixture(scope="module")
-def largefov_bytes(tmp_path_factory) -> bytes:
-    """A real LargeFOV .caffemodel (V1 layout) with random weights, ~82 MB."""
-    path = tmp_path_factory.mktemp("weights") / FILE
-    write_caffemodel(path, training_net(random_weights(0)), "v1")
-    return path.read_bytes()
+def largefov_bytes(largefov_caffemodel) -> bytes:
+    return largefov_caffemodel.read_bytes()
 
 
 @pytest.fixture
@@ -85,12 +78,8 @@ def server():
 
 
 @pytest.fixture(autouse=True)
-def home(tmp_path, monkeypatch) -> Path:
-    """An empty DEEPLAB_HOME, with no mirror or offline setting leaking in from the caller's shell."""
-    monkeypatch.setenv("DEEPLAB_HOME", str(tmp_path / "home"))
-    monkeypatch.delenv("DEEPLAB_MIRROR", raising=False)
-    monkeypatch.delenv("DEEPLAB_OFFLINE", raising=False)
-    return tmp_path / "home"
+def home(deeplab_home) -> Path:
+    return deeplab_home
 
 
 def use_model(monkeypatch, urls, sha256=None) -> registry.ModelInfo:
@@ -104,23 +93,9 @@ def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def files_in(directory: Path) -> list[str]:
-    """Everything in `directory`, hidden temporaries included; [] when it does not exist."""
-    return sorted(p.name for p in directory.iterdir()) if directory.exists() else []
-
-
-def run_cli(*args):
-    return CliRunner().invoke(cli, list(args))
-
-
 def assert_model_error(result, *phrases):
     """Exit 3 with one line on stderr that contains every phrase, and no traceback."""
-    assert result.exit_code == ModelError.exit_code, result.output
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    assert "Traceback" not in result.output
-    for phrase in phrases:
-        assert phrase in lines[0]
+    assert_one_line_error(result, ModelError.exit_code, *phrases)
 
 
 # -- download.fetch ------------------------------------------------------------------------------------

@@ -1,18 +1,15 @@
 """`deeplab export`: weight files written by tools that are not ours, in every supported layout."""
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 from click.testing import CliRunner
 
 from caffe_writer import write_caffemodel
-from conftest import natural_image
+from conftest import LENET, natural_image
 from deeplab_cli.cli import cli
-from reference import random_weights, torch_logits, training_net
+from reference import torch_logits, training_net
 from test_model import assert_close_to_scale, run
 
-LENET = Path(__file__).resolve().parents[2] / "shared/data/caffe/lenet_iter_10000.caffemodel"
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ import pytest
 from conftest import natural_image
 from deeplab_cli.errors import WeightsError
 from deeplab_cli.model import build_onnx, check_weights
-from reference import random_weights, torch_logits
+from reference import torch_logits
 
 
 def run(model_path, image, pad_to=None):

@@ -8,27 +8,19 @@ import cv2
 import pytest
 import yaml
 
-from caffe_writer import write_caffemodel
 from conftest import natural_image
 from deeplab_cli import registry
-from reference import random_weights, training_net
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
 @pytest.fixture(scope="module")
-def shared_home(tmp_path_factory):
+def shared_home(largefov_caffemodel, tmp_path_factory):
     """A DEEPLAB_HOME with largefov-voc12 in it, as `deeplab models pull` leaves it on a shared disk."""
     home = tmp_path_factory.mktemp("deeplab_home")
-    source = home / "download.caffemodel"
-    write_caffemodel(source, training_net(random_weights(1)), "v1")
-    old = os.environ.get("DEEPLAB_HOME")
-    os.environ["DEEPLAB_HOME"] = str(home)
-    try:
-        registry.import_file(registry.get_model("largefov-voc12"), source)
-    finally:
-        os.environ.pop("DEEPLAB_HOME") if old is None else os.environ.update(DEEPLAB_HOME=old)
-    source.unlink()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("DEEPLAB_HOME", str(home))
+        registry.import_file(registry.get_model("largefov-voc12"), largefov_caffemodel)
     return home
 
 

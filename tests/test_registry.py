@@ -4,56 +4,25 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import os
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
 
-from caffe_writer import write_caffemodel
+from conftest import LENET, assert_one_line_error, files_in, run_cli
 from deeplab_cli import registry
-from deeplab_cli.cli import cli
 from deeplab_cli.errors import ModelError, WeightsError
-from reference import random_weights, training_net
 
 NAME, FILE = "largefov-voc12", "train2_iter_8000.caffemodel"
-LENET = Path(__file__).resolve().parents[2] / "shared/data/caffe/lenet_iter_10000.caffemodel"
 
 
-@pytest.fixture(scope="module")
-def largefov_file(tmp_path_factory) -> Path:
-    """A real LargeFOV .caffemodel (V1 layout) with random weights, ~82 MB."""
-    path = tmp_path_factory.mktemp("weights") / FILE
-    write_caffemodel(path, training_net(random_weights(0)), "v1")
-    return path
+@pytest.fixture
+def largefov_file(largefov_caffemodel) -> Path:
+    return largefov_caffemodel
 
 
 @pytest.fixture(autouse=True)
-def home(tmp_path, monkeypatch) -> Path:
-    """An empty DEEPLAB_HOME, with no mirror or offline setting leaking in from the caller's shell."""
-    monkeypatch.setenv("DEEPLAB_HOME", str(tmp_path / "home"))
-    monkeypatch.delenv("DEEPLAB_MIRROR", raising=False)
-    monkeypatch.delenv("DEEPLAB_OFFLINE", raising=False)
-    return tmp_path / "home"
-
-
-def files_in(directory: Path) -> list[str]:
-    """Everything in `directory`, hidden temporaries included; [] when it does not exist."""
-    return sorted(p.name for p in directory.iterdir()) if directory.exists() else []
-
-
-def run_cli(*args):
-    return CliRunner().invoke(cli, [str(a) for a in args])
-
-
-def assert_one_line_error(result, exit_code, *phrases):
-    """`exit_code` with one line on stderr that contains every phrase, and no traceback."""
-    assert result.exit_code == exit_code, result.output
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    assert "Traceback" not in result.output
-    for phrase in phrases:
-        assert phrase in lines[0]
+def home(deeplab_home) -> Path:
+    return deeplab_home
 
 
 # -- registry ------------------------------------------------------------------------------------------

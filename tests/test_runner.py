@@ -1,6 +1,5 @@
 """The batch runner: the pipelined path gives exactly the serial path's outputs, with bounded memory."""
 
-import threading
 import time
 
 import cv2
