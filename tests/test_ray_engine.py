@@ -2,10 +2,12 @@
 CRF worker killed mid-run costs nothing."""
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -15,6 +17,8 @@ import numpy as np
 import pytest
 
 ray = pytest.importorskip("ray")
+# Ray Data copies its own context through deprecated setters; nothing here sets them.
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:ray.data.context")
 
 import deeplab_cli  # noqa: E402
 from conftest import natural_image  # noqa: E402
@@ -24,8 +28,8 @@ from deeplab_cli.errors import RuntimeSetupError, UsageError  # noqa: E402
 from deeplab_cli.inputs import collect  # noqa: E402
 from deeplab_cli.runtime import open_session  # noqa: E402
 
-RAY = str(Path(sys.executable).with_name("ray"))
-# Both nodes and this process agree: no token auth, no usage reporting, and workers import this checkout.
+RAY = [sys.executable, "-m", "ray.scripts.scripts"]  # the `ray` command of this interpreter's Ray
+# Both nodes and this process agree: no token auth, no usage reporting.
 ENV = {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
 
 
@@ -52,36 +56,37 @@ def descendants(pids: set[int]) -> set[int]:
     return found
 
 
-def start_node(args: list[str], temp: Path, env: dict) -> subprocess.Popen:
-    """`ray start --block` for one node; returns once the node is up."""
+def start_node(nodes: list[subprocess.Popen], args: list[str], temp: Path, env: dict) -> None:
+    """`ray start --block` for one node, added to `nodes` (so that teardown stops it); returns once it is up."""
     log = temp.with_suffix(".log")
-    process = subprocess.Popen([RAY, "start", "--block", "--node-ip-address", "127.0.0.1", "--disable-usage-stats",
-                                "--num-gpus", "0", "--temp-dir", str(temp),
-                                "--dashboard-agent-listen-port", str(free_port()), *args],
-                               stdout=log.open("w"), stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    command = [*RAY, "start", "--block", "--node-ip-address", "127.0.0.1", "--disable-usage-stats", "--num-gpus", "0",
+               "--temp-dir", str(temp), "--dashboard-agent-listen-port", str(free_port()), *args]
+    with log.open("w") as out:
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    nodes.append(process)
     deadline = time.monotonic() + 120
     while "Ray runtime started" not in log.read_text():
         if process.poll() is not None or time.monotonic() > deadline:
-            process.kill()
             pytest.fail(f"ray start failed:\n{log.read_text()[-3000:]}")
         time.sleep(0.2)
-    return process
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
+def cluster():
     """A head node (2 CPUs) and a second node (1 CPU) on 127.0.0.1; every Ray process ends at teardown."""
-    # Ray's socket paths (under --temp-dir) must stay within the 107 bytes of a Unix socket name.
-    root = tmp_path_factory.mktemp("ray")
-    src = str(Path(deeplab_cli.__file__).parents[1])
+    # Ray's logs and sockets go here; not under tmp_path, whose depth would push the socket paths
+    # (~85 bytes below it) past the 107 bytes a Unix socket name may have.
+    root = Path(tempfile.mkdtemp(prefix="ray-", dir="/tmp"))
+    src = str(Path(deeplab_cli.__file__).parents[1])  # workers import this checkout's deeplab_cli
     env = {**os.environ, **ENV, "PYTHONPATH": os.pathsep.join(filter(None, [src, os.environ.get("PYTHONPATH")])),
            "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}  # stop at once, not after 30 s of draining
     port = free_port()
     address = f"127.0.0.1:{port}"
-    nodes = [start_node(["--head", "--port", str(port), "--num-cpus", "2", "--include-dashboard=false",
-                         "--dashboard-port", str(free_port())], root / "head", env)]
+    nodes = []
     try:
-        nodes.append(start_node(["--address", address, "--num-cpus", "1"], root / "node", env))
+        start_node(nodes, ["--head", "--port", str(port), "--num-cpus", "2", "--include-dashboard=false",
+                           "--dashboard-port", str(free_port())], root / "head", env)
+        start_node(nodes, ["--address", address, "--num-cpus", "1"], root / "node", env)
         with pytest.MonkeyPatch.context() as patch:
             for name, value in ENV.items():
                 patch.setenv(name, value)
@@ -100,6 +105,7 @@ def cluster(tmp_path_factory):
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+        shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture
@@ -122,20 +128,41 @@ def local(jobs, onnx_model, settings) -> dict[str, runner.Result]:
     return {r.job.key: r for r in runner.segment(jobs, session, settings)}
 
 
-def test_stages_compose_into_the_local_engine_outputs(folder, onnx_model, tmp_path):
+@pytest.fixture(scope="module")
+def probs_model(weights, tmp_path_factory):
+    """The graph for GPUs, which gives probabilities or labels at the working size instead of logits."""
+    import onnx
+
+    from deeplab_cli.model import build_onnx, check_weights
+
+    path = tmp_path_factory.mktemp("probs") / "model.onnx"
+    onnx.save(build_onnx(check_weights(weights, "w"), classes=[str(i) for i in range(21)], model_name="t",
+                         source_sha256="", with_probs=True), path)
+    return path
+
+
+@pytest.mark.parametrize("graph,crf,formats", [
+    ("logits", CRFParams(), ("index", "overlay", "probs", "logits")),
+    ("probs", None, ("index",)),  # labels for the images seen whole, probabilities for the downscaled one
+])
+def test_stages_compose_into_the_local_engine_outputs(folder, onnx_model, probs_model, tmp_path, graph, crf, formats):
     """The stages are plain functions of numpy batches: chained by hand they write what runner writes."""
+    model = onnx_model if graph == "logits" else probs_model
     jobs = collect([str(folder)])
-    settings = runner.Settings(out=tmp_path / "stages", formats=("index", "overlay", "probs", "logits"), max_size=56)
+    settings = runner.Settings(out=tmp_path / "stages", formats=formats, crf=crf, max_size=56)
     batch = {"source": np.array([str(job.source) for job in jobs], object),
              "key": np.array([job.key for job in jobs], object)}
     batch = ray_engine.load_batch(batch, settings)
     assert batch["image"][3].shape == (60, 30, 3) and batch["small"][3].shape == (56, 28, 3)
     assert batch["image"][0].size == 0  # not resized: the pixels travel once, as `small`
-    batch = ray_engine.NetworkStage(onnx_model, settings, "cpu")(batch)
+    batch = ray_engine.NetworkStage(model, settings, "cpu")(batch)
+    if graph == "probs":
+        assert batch["labels"][0].shape == (40, 52) and batch["probs"][0].size == 0
+        assert batch["probs"][3].shape == (21, 56, 28) and batch["labels"][3].size == 0
     rows = ray_engine.crf_batch(batch, settings)
     assert set(rows) == {"source", "key", "status", "error", "timings"}
     statuses = dict(zip(rows["key"], rows["status"]))
-    expected = local(jobs, onnx_model, runner.Settings(out=tmp_path / "local", formats=settings.formats, max_size=56))
+    expected = local(jobs, model, runner.Settings(out=tmp_path / "local", formats=formats, crf=crf, max_size=56))
     assert statuses == {key: r.status for key, r in expected.items()}
     assert outputs(tmp_path / "stages") == outputs(tmp_path / "local")
 
@@ -173,31 +200,35 @@ def test_two_node_cluster_writes_what_the_local_engine_writes(cluster, folder, o
 
 
 @pytest.mark.slow
-def test_a_crf_worker_killed_mid_run_loses_nothing(cluster, tmp_path, onnx_model):
+def test_workers_killed_mid_run_lose_nothing(cluster, tmp_path, onnx_model):
+    """SIGKILL, once each, a worker running a CRF task and the network actor: Ray reruns the task and
+    restarts the actor, and every image still comes out as the local engine makes it."""
     root = tmp_path / "img"
     root.mkdir()
-    for i in range(8):
-        cv2.imwrite(str(root / f"{i}.png"), natural_image(44, 56, seed=80 + i))
+    for i in range(6):
+        cv2.imwrite(str(root / f"{i}.png"), natural_image(120, 160, seed=80 + i))
     jobs = collect([str(root)])
-    # Enough mean-field iterations that each image's CRF task runs for about a second: a window to kill it in.
-    crf = CRFParams(iters=300)
+    # Enough mean-field iterations that each image's CRF task runs for most of a second: a window to kill it in.
+    crf = CRFParams(iters=40)
     settings = runner.Settings(out=tmp_path / "ray", crf=crf)
-    killed, done = [], threading.Event()
+    # Process titles while a worker runs that stage (Ray sets them; an idle worker is "ray::IDLE").
+    targets = {b"ray::MapBatches(crf_batch)": None, b"ray::MapWorker(MapBatches(NetworkStage))": None}
+    done = threading.Event()
 
-    def kill_one_crf_worker():
-        while not done.is_set() and not killed:
-            for entry in os.listdir("/proc"):
+    def kill_each_once():
+        while not done.is_set() and None in targets.values():
+            for entry in filter(str.isdigit, os.listdir("/proc")):
                 try:
-                    title = Path("/proc", entry, "cmdline").read_bytes()
+                    title = Path("/proc", entry, "cmdline").read_bytes().split(b"\0")[0]
                 except OSError:
                     continue
-                if title.startswith(b"ray::MapBatches(crf_batch)"):  # the title while it runs that task
+                title = title.removesuffix(b".submit")  # the actor idle or running a batch, not starting
+                if targets.get(title, 0) is None:
                     os.kill(int(entry), signal.SIGKILL)
-                    killed.append(int(entry))
-                    break
+                    targets[title] = int(entry)
             time.sleep(0.02)
 
-    killer = threading.Thread(target=kill_one_crf_worker)
+    killer = threading.Thread(target=kill_each_once)
     killer.start()
     try:
         results = list(ray_engine.segment(jobs, onnx_model, settings, address=cluster))
@@ -205,8 +236,37 @@ def test_a_crf_worker_killed_mid_run_loses_nothing(cluster, tmp_path, onnx_model
         done.set()
         killer.join()
 
-    assert killed, "no CRF task was seen running"
-    assert sorted(r.job.key for r in results) == [str(i) for i in range(8)]
+    assert None not in targets.values(), f"not seen running: {targets}"
+    assert sorted(r.job.key for r in results) == [str(i) for i in range(6)]
     assert all(r.status == "ok" for r in results), [r.error for r in results]
     local(jobs, onnx_model, runner.Settings(out=tmp_path / "local", crf=crf))
     assert outputs(tmp_path / "ray") == outputs(tmp_path / "local")
+
+
+@pytest.mark.slow
+def test_a_model_the_actors_cannot_load_ends_the_run_with_the_reason(cluster, folder, tmp_path):
+    broken = tmp_path / "broken.onnx"
+    broken.write_bytes(b"not a model")
+    settings = runner.Settings(out=tmp_path / "out")
+    with pytest.raises(RuntimeSetupError, match="network actors cannot start.*cannot load the model"):
+        list(ray_engine.segment(collect([str(folder)]), broken, settings, address=cluster))
+    assert not ray.is_initialized()
+
+
+@pytest.mark.slow
+def test_cli_engine_ray_keeps_stdout_for_results(cluster, folder, onnx_model, tmp_path):
+    import json
+
+    from click.testing import CliRunner
+
+    from deeplab_cli.cli import cli
+
+    result = CliRunner(env=ENV).invoke(cli, ["segment", str(folder), "--out", str(tmp_path / "m"), "-m", str(onnx_model),
+                                             "--engine", "ray", "--address", cluster, "--json", "--no-crf"])
+    assert result.exit_code == 1  # the bad file
+    records = [json.loads(line) for line in result.stdout.splitlines()]  # nothing but results on stdout
+    assert sorted(r["status"] for r in records) == ["error"] + ["ok"] * 5
+    assert all(r["provider"] == "ray" for r in records)
+    assert (tmp_path / "m/classes.json").is_file()
+    assert CliRunner().invoke(cli, ["segment", str(folder), "--out", str(tmp_path / "m"), "-m", str(onnx_model),
+                                    "--engine", "ray", "-j", "2"]).exit_code == 2

@@ -57,10 +57,10 @@ def test_batches_of_equal_sizes(folder, session, tmp_path):
 
 def test_batches_group_consecutive_equal_sizes():
     def item(h):
-        return runner._Loaded(None, None, np.zeros((h, 5, 3), np.uint8), {})
+        return runner.Loaded(None, None, np.zeros((h, 5, 3), np.uint8), {})
 
     failure = runner.Result(None, "error")
-    groups = list(runner._batches(iter([item(4), item(4), item(4), failure, item(4), item(6), item(6)]), 2))
+    groups = list(runner.batches_of_equal_size(iter([item(4), item(4), item(4), failure, item(4), item(6), item(6)]), 2))
     shapes = [g if isinstance(g, runner.Result) else [i.small.shape[0] for i in g] for g in groups]
     assert shapes == [[4, 4], failure, [4, 4], [6, 6]]
 
@@ -134,7 +134,7 @@ def test_a_graph_that_upsamples_itself_gives_the_same_masks(folder, session, pro
 ])
 def test_only_what_is_needed_comes_back(folder, probs_session, session, tmp_path, crf, formats, max_size, expected):
     settings = runner.Settings(out=tmp_path, formats=formats, crf=crf, max_size=max_size)
-    item = runner._load(collect([str(folder / "0.png")])[0], settings)
+    item = runner.load_job(collect([str(folder / "0.png")])[0], settings)
     assert runner._wanted(probs_session, settings, [item]) == expected
     assert runner._wanted(session, settings, [item]) == ("logits",)
 

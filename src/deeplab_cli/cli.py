@@ -128,8 +128,9 @@ def gather_jobs(inputs: tuple[str, ...], recursive: bool, shard_text: str | None
     return jobs
 
 
-def report(results, total: int, as_json: bool, quiet: bool, provider: str) -> int:
-    """Print results as they come (paths or JSON lines on stdout, errors on stderr); return the exit code."""
+def report(results, total: int, as_json: bool, quiet: bool, provider: str, out=None) -> int:
+    """Print results as they come (paths or JSON lines on `out`, stdout by default; errors on stderr);
+    return the exit code."""
     from tqdm import tqdm
 
     counts = {"ok": 0, "skipped": 0, "error": 0}
@@ -140,14 +141,14 @@ def report(results, total: int, as_json: bool, quiet: bool, provider: str) -> in
         for result in results:
             counts[result.status] += 1
             if as_json:
-                click.echo(json.dumps({
+                click.echo(file=out, message=json.dumps({
                     "input": str(result.job.source), "outputs": [str(p) for p in result.outputs],
                     "status": result.status, "error": result.error,
                     "timings": {k: round(v, 4) for k, v in result.timings.items()}, "provider": provider,
                 }))
             elif result.status == "ok":
                 for path in result.outputs:
-                    click.echo(path)
+                    click.echo(path, file=out)
             if result.error:
                 bar.write(f"deeplab: {result.error}", file=sys.stderr)
             bar.update()
@@ -208,11 +209,14 @@ def _download_progress():
               help="Longer side the network sees; larger images are scaled down, results brought back. 0: no limit.")
 @click.option("--pad-to", type=click.IntRange(min=1), help="Pad bottom/right with the mean to this size, as the paper's test protocol (513).")
 @click.option("--fp16", is_flag=True, help="The float16 graph (for GPUs; a registry model only).")
+@click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+              help="Run here, or on a Ray cluster (pip install 'deeplab-cli[ray]').")
+@click.option("--address", help="Ray cluster to join (default: RAY_ADDRESS, else a local Ray instance).")
 @output_options
 @click.option("--crf/--no-crf", default=True, show_default=True, help="Refine with the fully connected CRF.")
 @crf_options
 def segment(inputs, out, recursive, overwrite, shard, as_json, quiet, model, device, threads, jobs, batch_size,
-            max_size, pad_to, fp16, formats, alpha, crf, crf_params, **crf_opts):
+            max_size, pad_to, fp16, engine, address, formats, alpha, crf, crf_params, **crf_opts):
     """Segment images: files, folders, or `-` for a list of paths on stdin.
 
     \b
@@ -220,21 +224,36 @@ def segment(inputs, out, recursive, overwrite, shard, as_json, quiet, model, dev
       find data -name '*.jpg' | deeplab segment - --out masks/ --json
     """
     from deeplab_cli import runner
-    from deeplab_cli.runtime import open_session, wants_cuda
+    from deeplab_cli.runtime import open_session, parse_device, wants_cuda
 
     job_list = gather_jobs(inputs, recursive, shard)
     try:
-        gpu = wants_cuda(device)
+        # On a Ray cluster only an explicit cuda says the actors have GPUs: this machine cannot tell.
+        gpu = parse_device(device)[0] == "cuda" if engine == "ray" else wants_cuda(device)
     except ValueError as e:
         raise click.BadParameter(str(e), param_hint="--device") from None
+    if engine == "ray" and jobs is not None:
+        raise click.BadParameter("Ray schedules the CRF tasks itself; leave --jobs out", param_hint="--jobs")
     model_path, crf_defaults = resolve_model(model, gpu, fp16)
     params = crf_settings(crf_defaults, crf_params, crf_opts) if crf else None
-    session = open_session(model_path, device, threads, spin=jobs == 0)
-    if device == "auto" and not quiet:
-        click.echo(f"deeplab: running on {session.provider}", err=True)
     settings = runner.Settings(out=out, formats=tuple(dict.fromkeys(formats or ("index",))),
                                max_size=max_size or None, pad_to=pad_to, crf=params, alpha=alpha,
                                overwrite=overwrite)
+    if engine == "ray":
+        from deeplab_cli import ray_engine
+
+        prepare_out(out, open_session(model_path, "cpu", 1).classes)  # also checks the model before Ray starts
+        stdout = sys.stdout
+        sys.stdout = sys.stderr  # Ray's driver prints cluster events to stdout, which carries results only
+        try:
+            results = ray_engine.segment(job_list, model_path, settings, device=device, threads=threads,
+                                         batch_size=batch_size, address=address)
+            sys.exit(report(results, len(job_list), as_json, quiet, "ray", out=stdout))
+        finally:
+            sys.stdout = stdout
+    session = open_session(model_path, device, threads, spin=jobs == 0)
+    if device == "auto" and not quiet:
+        click.echo(f"deeplab: running on {session.provider}", err=True)
     prepare_out(out, session.classes)
     on_gpu = session.provider != "CPUExecutionProvider"
     workers = runner.default_workers(session.provider) if jobs is None else jobs

@@ -3,7 +3,7 @@
     rows (source, key) --load_batch, CPU tasks--> pixels --NetworkStage, actor pool--> network outputs
         --crf_batch, CPU tasks--> outputs written, a small result row per image --> the driver
 
-Each stage calls the local engine's own code (runner._load, runner._network, runner.finish_job), so the
+Each stage calls the local engine's own code (runner.load_job, runner.run_network, runner.finish_job), so the
 outputs are byte for byte the local engine's. Failures stay per image: a stage turns an exception into
 the row's `error` and passes it on. A worker that dies (killed, out of memory, its node lost) is
 retried by Ray Data, which by default restarts actors and reruns tasks without limit; outputs are
@@ -74,7 +74,7 @@ def load_batch(batch: dict[str, np.ndarray], settings: runner.Settings) -> dict[
     sees; `error` ("" or the reason) and `timings` (JSON)."""
     images, smalls, errors, timings = [], [], [], []
     for i in range(len(batch["key"])):
-        loaded = runner._load(_job(batch, i), settings)
+        loaded = runner.load_job(_job(batch, i), settings)
         if isinstance(loaded, runner.Result):
             images.append(_EMPTY["image"])
             smalls.append(_EMPTY["small"])
@@ -119,12 +119,12 @@ class NetworkStage:
         for i in range(n):
             if not errors[i]:
                 image = batch["image"][i] if batch["image"][i].size else batch["small"][i]
-                loaded.append(runner._Loaded(_job(batch, i), image, batch["small"][i], json.loads(timings[i])))
+                loaded.append(runner.Loaded(_job(batch, i), image, batch["small"][i], json.loads(timings[i])))
                 row[loaded[-1].job.key] = i
         # Images of one size share a network call; sorting by size makes the groups as large as they can be.
         loaded.sort(key=lambda item: item.small.shape)
-        for group in runner._batches(iter(loaded), len(loaded)):
-            for item, net, failed in runner._network(group, self.session, self.settings):
+        for group in runner.batches_of_equal_size(iter(loaded), len(loaded)):
+            for item, net, failed in runner.run_network(group, self.session, self.settings):
                 i = row[item.job.key]
                 timings[i] = json.dumps(item.timings)
                 if failed:
@@ -222,7 +222,11 @@ def _connected(address: str | None):
         yield
         return
     # Workers' and raylets' logs stay in the cluster's log files: stdout carries the CLI's results.
-    ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False, runtime_env=_ONE_THREAD)
+    try:
+        ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False, runtime_env=_ONE_THREAD)
+    except ConnectionError as e:
+        raise RuntimeSetupError(f"cannot join the Ray cluster at {address or 'RAY_ADDRESS'}: "
+                                f"{' '.join(str(e).split())}") from None
     try:
         yield
     finally:
@@ -237,7 +241,10 @@ def segment(jobs: list[Job], model_path: Path, settings: runner.Settings, *, dev
     Yields "skipped" Results for complete outputs first, then one Result per job in completion order.
     Actors, threads and batch size as `placement` decides them.
     """
-    import ray
+    try:
+        import ray
+    except ImportError:
+        raise RuntimeSetupError("--engine ray needs Ray: pip install 'deeplab-cli[ray]'") from None
 
     _device_kind(device)  # a bad --device fails before any work
     todo = {}
@@ -260,5 +267,11 @@ def segment(jobs: list[Job], model_path: Path, settings: runner.Settings, *, dev
                       actors=actors, threads=threads, batch_size=batch_size)
         # The CLI reports progress itself.
         ds.context.enable_progress_bars = ds.context.print_on_execution_start = False
-        for row in ds.iter_rows():
-            yield to_result(row, todo[row["key"]], settings)
+        try:
+            for row in ds.iter_rows():
+                yield to_result(row, todo[row["key"]], settings)
+        except ray.exceptions.ActorDiedError as e:
+            # Ray Data restarts actors that die; one that fails to start (the model does not load, a node
+            # has no CUDA) ends the run. Ray keeps only its traceback, whose last line is the reason.
+            reason = e.error_msg.strip().splitlines()[-1]
+            raise RuntimeSetupError(f"the network actors cannot start on the Ray cluster: {reason}") from None

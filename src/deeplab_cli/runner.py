@@ -107,42 +107,45 @@ def _message(job: Job, error: Exception) -> str:
 
 
 @dataclass
-class _Loaded:
+class Loaded:
+    """One decoded image on its way to the network."""
+
     job: Job
     image: np.ndarray  # (H, W, 3) uint8 BGR as decoded
     small: np.ndarray  # (h, w, 3) uint8 BGR, what the network sees
     timings: dict[str, float]
 
 
-def _load(job: Job, settings: Settings) -> _Loaded | Result:
+def load_job(job: Job, settings: Settings) -> Loaded | Result:
+    """Decode and fit an image to the network; an unreadable one becomes its error Result."""
     loaded = []
 
     def work(timings):
         with _timed(timings, "load"):
             image = load_image(job.source)
-            loaded.append(_Loaded(job, image, resize_for_network(image, settings.max_size), timings))
+            loaded.append(Loaded(job, image, resize_for_network(image, settings.max_size), timings))
 
     result = attempt(job, settings, work)
     return loaded[0] if loaded else result
 
 
-def _prefetch(jobs: list[Job], settings: Settings, depth: int) -> Iterator[_Loaded | Result]:
+def _prefetch(jobs: list[Job], settings: Settings, depth: int) -> Iterator[Loaded | Result]:
     """Decode in a background thread, at most `depth` images ahead (OpenCV releases the GIL meanwhile)."""
     from concurrent.futures import ThreadPoolExecutor
 
     with ThreadPoolExecutor(1, thread_name_prefix="deeplab-load") as pool:
         ahead: deque = deque()
         for job in jobs:
-            ahead.append(pool.submit(_load, job, settings))
+            ahead.append(pool.submit(load_job, job, settings))
             if len(ahead) > depth:
                 yield ahead.popleft().result()
         while ahead:
             yield ahead.popleft().result()
 
 
-def _batches(items: Iterator[_Loaded | Result], size: int) -> Iterator[list[_Loaded] | Result]:
+def batches_of_equal_size(items: Iterator[Loaded | Result], size: int) -> Iterator[list[Loaded] | Result]:
     """Group consecutive images of equal working size, up to `size` a batch; failures pass straight on."""
-    batch: list[_Loaded] = []
+    batch: list[Loaded] = []
     for item in items:
         if isinstance(item, Result):
             yield item
@@ -155,7 +158,7 @@ def _batches(items: Iterator[_Loaded | Result], size: int) -> Iterator[list[_Loa
         yield batch
 
 
-def _wanted(session, settings: Settings, batch: list[_Loaded]) -> tuple[str, ...]:
+def _wanted(session, settings: Settings, batch: list[Loaded]) -> tuple[str, ...]:
     """The outputs to fetch: stride-8 logits for a CPU graph (its workers upsample); from a graph with the
     upsampling inside, only what this batch needs, since every byte crosses back from the device."""
     if "probs" not in session.outputs:
@@ -165,7 +168,7 @@ def _wanted(session, settings: Settings, batch: list[_Loaded]) -> tuple[str, ...
     return ("logits", finished) if "logits" in settings.formats else (finished,)
 
 
-def _network(batch: list[_Loaded], session, settings: Settings) -> list[tuple[_Loaded, dict | None, Result | None]]:
+def run_network(batch: list[Loaded], session, settings: Settings) -> list[tuple[Loaded, dict | None, Result | None]]:
     """Run one batch: (item, its outputs, None), or (item, None, error Result) for every item if it fails."""
     pad = None if settings.pad_to is None else (settings.pad_to, settings.pad_to)
     images = batch[0].small[None] if len(batch) == 1 else np.stack([item.small for item in batch])
@@ -204,15 +207,15 @@ def segment(jobs: Iterable[Job], session, settings: Settings, workers: int = 0,
         return
     loaded = _prefetch(todo, settings, depth=2 * max(1, batch_size))
     if workers == 0:
-        for batch in _batches(loaded, batch_size):
+        for batch in batches_of_equal_size(loaded, batch_size):
             if isinstance(batch, Result):
                 yield batch
                 continue
-            for item, net, failed in _network(batch, session, settings):
+            for item, net, failed in run_network(batch, session, settings):
                 yield failed or attempt(item.job, settings, lambda t: finish(
                     item.job, settings, item.image, item.small, net, session.model_name, t), item.timings)
         return
-    yield from _pipeline(_batches(loaded, batch_size), session, settings, workers)
+    yield from _pipeline(batches_of_equal_size(loaded, batch_size), session, settings, workers)
 
 
 def _pipeline(batches, session, settings: Settings, workers: int) -> Iterator[Result]:
@@ -224,7 +227,7 @@ def _pipeline(batches, session, settings: Settings, workers: int) -> Iterator[Re
             if isinstance(batch, Result):
                 yield batch
                 continue
-            for item, net, failed in _network(batch, session, settings):
+            for item, net, failed in run_network(batch, session, settings):
                 if failed:
                     yield failed
                     continue
