@@ -1,9 +1,9 @@
 """Throughput of `deeplab segment` side by side with a serial baseline, a PyTorch eager port, and the
 machine's own matrix-multiply rate (issue 5). Random weights of the real shapes, VOC-sized images.
 
-    PYTHONPATH=src python benchmarks/run.py --images 16 --markdown BENCHMARKS.md
+    PYTHONPATH=src python benchmarks/run.py --markdown BENCHMARKS.md     # 8 images, 3 rounds: ~7 min on 2 cores
 
-Rows, all over the same N images, warm-up excluded:
+Rows, all over the same N images, warm-up excluded (with --rounds R: each row R times, the fastest kept):
 - `deeplab segment` as a subprocess (CRF on, and --no-crf). Start-up and model load are measured by a
   1-image run; steady state is (N - 1) / (t_N - t_1), which for a pipelined runner is its period.
 - the serial baseline: one process, one onnxruntime session, upsampling, softmax, pydensecrf, argmax, PNG.
@@ -15,6 +15,7 @@ Rows, all over the same N images, warm-up excluded:
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import math
 import os
@@ -59,11 +60,13 @@ def random_weights(seed: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     return weights
 
 
-def export_model(weights, path: Path, float16: bool = False) -> Path:
+def export_model(weights, path: Path, float16: bool = False, with_probs: bool = False) -> Path:
+    """The graph as `deeplab export` writes it; `with_probs` is the GPU variant `segment` picks on CUDA."""
     import onnx
 
     model = build_onnx(check_weights(weights, "benchmark"), classes=list(VOC_CLASSES),
-                       model_name="benchmark-random", source_sha256="0" * 64, float16=float16)
+                       model_name="benchmark-random", source_sha256="0" * 64, float16=float16,
+                       with_probs=with_probs)
     onnx.save(model, path)
     return path
 
@@ -147,14 +150,19 @@ def busy_core_seconds() -> float:
     return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
 
 
-def measured(function, *args):
-    """`function(*args)`, setting `others` on the Runs it returns: the share of the machine's core time
-    that processes other than this one and its children used meanwhile. A shared machine slows every
-    row; this says by how much, so a reader can tell a slow result from a busy machine."""
+def with_others(function, *args):
+    """(function(*args), share of the machine's core time that processes other than this one and its
+    children used meanwhile). A shared machine slows every row; this says by how much, so that a slow
+    result can be told from a busy machine."""
     own_start, busy_start, start = sum(os.times()[:4]), busy_core_seconds(), time.perf_counter()
     result = function(*args)
     own, busy = sum(os.times()[:4]) - own_start, busy_core_seconds() - busy_start
-    share = max(0.0, busy - own) / ((time.perf_counter() - start) * (os.cpu_count() or 1))
+    return result, max(0.0, busy - own) / ((time.perf_counter() - start) * (os.cpu_count() or 1))
+
+
+def measured(function, *args):
+    """`function(*args)`, with `others` set on the Runs it returns (see with_others)."""
+    result, share = with_others(function, *args)
     for item in result if isinstance(result, tuple) else (result,):
         if isinstance(item, Run):
             item.others = share
@@ -385,10 +393,10 @@ def gpu_network(paths: list[Path], model: Path, label: str, batch: int, min_imag
 
 
 def machine_lines(threads: int) -> list[str]:
-    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                  if line.startswith("model name")), platform.processor() or "unknown")
-    flags = next((line.split(":", 1)[1].split() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                  if line.startswith("flags")), [])
+    cpuinfo = Path("/proc/cpuinfo").read_text().splitlines()
+    model = next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")),
+                 platform.processor() or "unknown")
+    flags = next((line.split(":", 1)[1].split() for line in cpuinfo if line.startswith("flags")), [])
     simd = [f for f in ("avx2", "fma", "avx512f", "avx512_bf16", "amx_tile") if f in flags]
     versions = []
     for dist in ("onnxruntime", "onnxruntime-gpu", "numpy", "torch", "opencv-python-headless", "pydensecrf2"):
@@ -404,7 +412,7 @@ def machine_lines(threads: int) -> list[str]:
     return lines
 
 
-def ratio_row(name: str, value: float | None, target: float, higher: bool, percent: bool = False) -> list[str]:
+def check_row(name: str, value: float | None, target: float, higher: bool, percent: bool = False) -> list[str]:
     if value is None:
         return [name, "-", "", "SKIP"]
     shown = f"{100 * value:.2f}%" if percent else f"{value:.2f}"
@@ -415,8 +423,10 @@ def ratio_row(name: str, value: float | None, target: float, higher: bool, perce
 
 def text_table(header: list[str], rows: list[list[str]]) -> str:
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    fmt = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip()
-    return "\n".join([fmt(header), fmt(["-" * w for w in widths]), *map(fmt, rows)])
+
+    def line(cells: list[str]) -> str:
+        return "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()
+    return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, rows)])
 
 
 def markdown_table(header: list[str], rows: list[list[str]]) -> str:
@@ -441,15 +451,145 @@ def read_masks(folder: Path, stems: list[str], suffix: str = "") -> dict[str, np
     return {f"{s}{suffix}": read_index_png(folder / f"{s}.png") for s in stems}
 
 
+def progress(what: str) -> None:
+    print(f"... {what}", file=sys.stderr, flush=True)
+
+
+def reference_rates(threads: int) -> tuple[Run, Run]:
+    blas = max(matmul_gflops(2048), matmul_gflops(3072))
+    return (Run("numpy float32 matmul (best of 2048², 3072²)", 0, 0.0, gflops=blas, note="the reference rate"),
+            Run("onnxruntime MatMul 2048² (MLAS)", 0, 0.0, gflops=ort_matmul_gflops(2048, threads),
+                note="info: the GEMM library ORT's Conv uses"))
+
+
+def one_round(k: int, rounds: int, paths: list[Path], folder: Path, models: dict[str, Path], weights, work: Path,
+              threads: int, gpu_batch: int, with_torch: bool) -> tuple[dict[str, Run], dict[str, dict]]:
+    """Every row measured once over all images: ({row: Run}, {pipeline: labels by image}).
+    `models` holds "cpu" (the exported graph) and, where CUDA is offered, "fp16" and "cuda"."""
+    runs, labels, tag = {}, {}, f"round {k + 1}/{rounds}"
+    runs["blas"], runs["mlas"] = measured(reference_rates, threads)
+    # Subprocesses first, before this process has onnxruntime or torch threads that might still spin.
+    progress(f"{tag}: deeplab segment, CRF on, 1 then {len(paths)} images")
+    runs["segment"], runs["segment raw"] = measured(measure_segment, f"seg-crf-{k}", folder, paths,
+                                                    models["cpu"], work, [])
+    labels["segment"] = read_masks(work / f"seg-crf-{k}", [p.stem for p in paths])
+    progress(f"{tag}: deeplab segment --no-crf, 1 then {len(paths)} images")
+    runs["no-crf"], runs["no-crf raw"] = measured(measure_segment, f"seg-nocrf-{k}", folder, paths,
+                                                  models["cpu"], work, ["--no-crf"])
+    labels["no-crf"] = read_masks(work / f"seg-nocrf-{k}", [p.stem for p in paths], "/no-crf")
+    progress(f"{tag}: serial baseline")
+    runs["serial"], labels["serial"] = measured(serial_baseline, paths, models["cpu"], work / f"serial-{k}", threads)
+    progress(f"{tag}: network alone")
+    runs["network"] = measured(network_alone, paths, models["cpu"], threads)
+    # The reference rates again, next to the network row they are compared with; the faster pair is kept.
+    for key, run in zip(("blas", "mlas"), measured(reference_rates, threads)):
+        runs[key] = max(runs[key], run, key=lambda r: r.gflops)
+    if with_torch:
+        progress(f"{tag}: PyTorch eager pipeline")
+        runs["torch"], labels["torch"] = measured(pytorch_pipeline, paths, weights, work / f"torch-{k}", threads)
+    if "cuda" in models:
+        progress(f"{tag}: GPU network alone in float32 and float16, segment --device cuda")
+        runs["gpu fp32"] = measured(gpu_network, paths, models["cpu"], "float32", gpu_batch)
+        runs["gpu fp16"] = measured(gpu_network, paths, models["fp16"], "float16", gpu_batch)
+        runs["gpu segment"], _ = measured(measure_segment, f"seg-cuda-{k}", folder, paths, models["cuda"], work,
+                                          ["--device", "cuda"])
+    return runs, labels
+
+
+@dataclass
+class Measurements:
+    runs: dict[str, Run]  # the fastest of the rounds, row by row
+    labels: dict[str, float]  # check name -> fraction of equal pixels
+    notes: list[str]
+
+
+def measure(paths: list[Path], folder: Path, weights, work: Path, threads: int, gpu_batch: int,
+            rounds: int) -> Measurements:
+    import onnxruntime as ort
+
+    notes = []
+    models = {"cpu": export_model(weights, work / "largefov.onnx")}
+    with_torch = importlib.util.find_spec("torch") is not None
+    if not with_torch:
+        notes.append("PyTorch row skipped: torch is not installed (pip install torch to add it)")
+    if CUDA in ort.get_available_providers():
+        models["fp16"] = export_model(weights, work / "largefov-fp16.onnx", float16=True)
+        # A registry model on CUDA gets the graph with upsampling and softmax inside; a file gets what it is.
+        models["cuda"] = export_model(weights, work / "largefov-gpu.onnx", with_probs=True)
+    else:
+        notes.append("GPU rows skipped: onnxruntime has no CUDAExecutionProvider here "
+                     f"(providers: {', '.join(ort.get_available_providers())})")
+
+    progress("deeplab segment warm-up (page cache, imports)")
+    run_segment(paths[:1], 1, work / "warm", models["cpu"], [])
+    results = [one_round(k, rounds, paths, folder, models, weights, work, threads, gpu_batch, with_torch)
+               for k in range(rounds)]
+    # The fastest round of each row: contention only ever slows a run down.
+    runs = {key: max((r[key] for r, _ in results), key=lambda run: run.rate if run.images else run.gflops)
+            for key in results[0][0]}
+    labels = results[-1][1]
+    checks = {
+        "labels: segment == serial, CRF on": agreement(labels["segment"], labels["serial"]),
+        "labels: segment --no-crf == serial argmax": agreement(labels["no-crf"], labels["serial"]),
+    }
+    if "torch" in labels:
+        notes.append(f"labels: PyTorch == serial on {100 * agreement(labels['torch'], labels['serial']):.3f}% of "
+                     "pixels (other convolution kernels, so not bit-identical)")
+    return Measurements(runs, checks, notes)
+
+
+def tables(m: Measurements) -> tuple[list[str], list[list[str]], list[str], list[list[str]], list[str]]:
+    """(header, rows, check header, checks, notes) of the report."""
+    order = ("segment", "segment raw", "no-crf", "no-crf raw", "serial", "torch", "network",
+             "gpu fp32", "gpu fp16", "gpu segment", "blas", "mlas")
+    runs = {key: m.runs[key] for key in order if key in m.runs}
+    rows = [[r.name, f"{r.rate:.3f}" if r.images else "", f"{1 / r.rate:.3f}" if r.images else "",
+             "" if r.gflops is None else f"{r.gflops:.1f}", f"{100 * r.others:.0f}%", r.note]
+            for r in runs.values()]
+    segment, serial, torch_run = runs["segment"], runs["serial"], runs.get("torch")
+    stages = serial.stages
+    outside = sum(v for k, v in stages.items() if k not in ("network", "crf")) / sum(stages.values())
+    checks = [
+        check_row("segment / serial baseline (steady state)", segment.rate / serial.rate, TARGETS["serial"], True),
+        check_row("segment / PyTorch eager (steady state)", segment.rate / torch_run.rate if torch_run else None,
+                  TARGETS["pytorch"], True),
+        check_row("network GFLOP/s / numpy matmul GFLOP/s", runs["network"].gflops / runs["blas"].gflops,
+                  TARGETS["matmul"], True),
+        check_row("time outside network + CRF (serial baseline)", outside, TARGETS["outside"], False, percent=True),
+        *(check_row(name, value, TARGETS["labels"], True, percent=True) for name, value in m.labels.items()),
+    ]
+    notes = [
+        f"segment / serial, raw (start-up included): {runs['segment raw'].rate / serial.rate:.2f}",
+        stage_line(serial),
+        *([stage_line(torch_run)] if torch_run else []),
+        "deeplab segment --json timings, summed: "
+        + ", ".join(f"{k} {v / runs['segment raw'].images:.3f} s/img" for k, v in segment.stages.items()),
+        *m.notes,
+        "others: share of the machine's core time used by other processes during that row; the reference "
+        "rates are the best of many short products, so contention shows less in them",
+    ]
+    busiest = max(r.others for r in runs.values() if r.images)
+    if busiest > 0.05:
+        notes.append(f"WARNING: other processes used up to {100 * busiest:.0f}% of the cores during a row: "
+                     "the machine was shared; rerun on a quiet one (or with more --rounds) before trusting the ratios")
+    header = ["run", "images/s", "s/image", "GFLOP/s", "others", "note"]
+    return header, rows, ["check", "value", "target", "result"], checks, notes
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--images", type=int, default=16, help="number of images (>= 2) [16]")
+    parser.add_argument("--images", type=int, default=8, help="number of images (>= 2) [8]")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="measure every row this many times and keep the fastest: contention only slows [3]")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--gpu-batch", type=int, default=8, help="batch of equal-size images on the GPU [8]")
     parser.add_argument("--markdown", type=Path, help="also write the report as markdown to this file")
     args = parser.parse_args()
     if args.images < 2:
         parser.error("--images must be at least 2 (steady state needs t_N - t_1)")
+    if args.rounds < 1:
+        parser.error("--rounds must be at least 1")
+    rounds = "once" if args.rounds == 1 else f"the fastest of {args.rounds} rounds"
     threads = os.cpu_count() or 1
     command = "python benchmarks/run.py " + " ".join(sys.argv[1:])
     machine = machine_lines(threads)
@@ -457,123 +597,39 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="deeplab-bench-") as tmp:
         work = Path(tmp)
-        weights = random_weights(args.seed)
-        model = export_model(weights, work / "largefov.onnx")
-        folder = work / "images"
-        paths = make_images(folder, args.images, args.seed)
-        stems = [p.stem for p in paths]
-        print(f"{args.images} images ({sum(p.stat().st_size for p in paths) / len(paths) / 1024:.0f} KiB JPEG "
-              f"on average) in {folder}", flush=True)
-
-        def progress(what: str) -> None:
-            print(f"... {what}", file=sys.stderr, flush=True)
-
-        progress("float32 matmul rates")
-        blas = max(matmul_gflops(2048), matmul_gflops(3072))
-        mlas = ort_matmul_gflops(2048, threads)
-
-        # Subprocesses first, while this process holds no onnxruntime or torch threads that could spin.
-        progress("deeplab segment warm-up (page cache, imports)")
-        run_segment(paths[:1], 1, work / "warm", model, [])
-        progress(f"deeplab segment, CRF on, 1 then {args.images} images")
-        seg, seg_raw = measured(measure_segment, "seg-crf", folder, paths, model, work, [])
-        progress(f"deeplab segment --no-crf, 1 then {args.images} images")
-        seg_nocrf, seg_nocrf_raw = measured(measure_segment, "seg-nocrf", folder, paths, model, work, ["--no-crf"])
-        progress("serial baseline")
-        serial, serial_labels = measured(serial_baseline, paths, model, work / "serial", threads)
-        progress("network alone")
-        net = measured(network_alone, paths, model, threads)
-        try:
-            progress("PyTorch eager pipeline")
-            torch_run, torch_labels = measured(pytorch_pipeline, paths, weights, work / "torch", threads)
-        except ImportError as e:
-            torch_run, torch_labels = None, {}
-            print(f"PyTorch row skipped: {e} (pip install torch to add it)")
-
-        gpu_runs: list[Run] = []
-        gpu_note = ""
-        import onnxruntime as ort
-
-        if CUDA in ort.get_available_providers():
-            progress("GPU: network alone float32 / float16, segment --device cuda")
-            gpu_runs.append(measured(gpu_network, paths, model, "float32", args.gpu_batch))
-            model16 = export_model(weights, work / "largefov-fp16.onnx", float16=True)
-            gpu_runs.append(measured(gpu_network, paths, model16, "float16", args.gpu_batch))
-            gpu_seg, _ = measured(measure_segment, "seg-cuda", folder, paths, model, work, ["--device", "cuda"])
-            gpu_runs.append(gpu_seg)
-        else:
-            gpu_note = (f"GPU rows skipped: onnxruntime has no CUDAExecutionProvider here "
-                        f"(providers: {', '.join(ort.get_available_providers())})")
-
-        seg_labels = read_masks(work / "seg-crf", stems)
-        seg_nocrf_labels = read_masks(work / "seg-nocrf", stems, "/no-crf")
-
-    # ------------------------------------------------------------ tables
-    runs = [seg, seg_raw, seg_nocrf, seg_nocrf_raw, serial, *([torch_run] if torch_run else []), net, *gpu_runs]
-    rows = [[r.name, f"{r.rate:.3f}", f"{1 / r.rate:.3f}", "" if r.gflops is None else f"{r.gflops:.1f}", r.note]
-            for r in runs]
-    rows.append([f"numpy float32 matmul (best of 2048², 3072²)", "", "", f"{blas:.1f}", "BLAS reference rate"])
-    rows.append([f"onnxruntime MatMul 2048² (MLAS)", "", "", f"{mlas:.1f}", "info: the GEMM ORT's Conv uses"])
-    header = ["run", "images/s", "s/image", "GFLOP/s", "note"]
-
-    outside = sum(v for k, v in serial.stages.items() if k not in ("network", "crf")) / sum(serial.stages.values())
-    ratios = [
-        ratio_row("segment / serial baseline (steady state)", seg.rate / serial.rate, TARGETS["serial"], True),
-        ratio_row("segment / PyTorch eager (steady state)", seg.rate / torch_run.rate if torch_run else None,
-                  TARGETS["pytorch"], True),
-        ratio_row("network GFLOP/s / numpy matmul GFLOP/s", net.gflops / blas, TARGETS["matmul"], True),
-        ratio_row("time outside network + CRF (serial baseline)", outside, TARGETS["outside"], False, percent=True),
-        ratio_row("labels: segment == serial, CRF on", agreement(seg_labels, serial_labels), TARGETS["labels"], True,
-                  percent=True),
-        ratio_row("labels: segment --no-crf == serial argmax", agreement(seg_nocrf_labels, serial_labels),
-                  TARGETS["labels"], True, percent=True),
-    ]
-    ratio_header = ["check", "value", "target", "result"]
-    info = [
-        f"segment / serial, raw (start-up included): {seg_raw.rate / serial.rate:.2f}",
-        stage_line(serial),
-        *([stage_line(torch_run)] if torch_run else []),
-        f"deeplab segment --json timings, summed: " + ", ".join(f"{k} {v / args.images:.3f} s/img"
-                                                                for k, v in seg.stages.items()),
-    ]
-    if torch_labels:
-        info.append(f"labels: PyTorch == serial on {100 * agreement(torch_labels, serial_labels):.3f}% of pixels "
-                    "(different convolution kernels, so not bit-identical)")
-    if gpu_note:
-        info.append(gpu_note)
-
-    print()
-    print(text_table(header, rows))
-    print()
-    print(text_table(ratio_header, ratios))
-    print()
-    print("\n".join(info))
-    print(f"\ncommand: {command}")
-
-    if args.markdown:
+        paths = make_images(work / "images", args.images, args.seed)
         portrait = args.images // 6
-        counts = f"{args.images} JPEGs (quality 90): {args.images - portrait} at 500x375, {portrait} at 375x500"
+        images = (f"{args.images} JPEGs (quality 90, {sum(p.stat().st_size for p in paths) / len(paths) / 1024:.0f} "
+                  f"KiB on average): {args.images - portrait} at 500x375, {portrait} at 375x500")
+        print(images, flush=True)
+        m = measure(paths, work / "images", random_weights(args.seed), work, threads, args.gpu_batch, args.rounds)
+
+    header, rows, check_header, checks, notes = tables(m)
+    print(f"\n{text_table(header, rows)}\n\n{text_table(check_header, checks)}\n")
+    print("\n".join(notes))
+    print(f"\ncommand: {command}")
+    if args.markdown:
         args.markdown.write_text("\n".join([
             "# Benchmarks",
             "",
             "Throughput of `deeplab segment` against a serial baseline and a PyTorch eager port, on the full-size",
-            "DeepLab-LargeFOV with random weights and synthetic photo-like images (1/f spectrum, soft-edged objects).",
-            "Each row is measured once over the same images, warm-up excluded. `deeplab segment` runs as a",
+            "DeepLab-LargeFOV with random weights and synthetic photo-like images (1/f texture, soft-edged objects).",
+            f"Each row is measured over the same images, warm-up excluded, {rounds}. `deeplab segment` runs as a",
             "subprocess; its steady-state rate is (N-1)/(t_N - t_1) with t_1 a 1-image run (start-up and model",
             "load), and the ratios use that rate. GFLOP/s come from the analytic count of convolution FLOPs.",
+            "Generated by the command below (with the package installed, drop `PYTHONPATH=src`):",
             "",
             "```sh",
             f"PYTHONPATH=src {command}",
             "```",
             "",
-            *[f"- {line}" for line in machine],
-            f"- {counts}",
+            *[f"- {line}" for line in [*machine, images]],
             "",
             markdown_table(header, rows),
             "",
-            markdown_table(ratio_header, ratios),
+            markdown_table(check_header, checks),
             "",
-            *[f"- {line}" for line in info],
+            *[f"- {line}" for line in notes],
             "",
         ]))
 

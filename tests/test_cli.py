@@ -231,3 +231,25 @@ def test_unwritable_output_folder_is_a_usage_error(photo_folder, onnx_model, tmp
     assert result.exit_code == 2
     assert f"{blocker / 'masks'}: cannot write to the output folder" in result.stderr
     assert "Traceback" not in result.output
+
+
+def test_segment_shares_the_cores_between_network_and_crf(photo_folder, onnx_model, tmp_path, monkeypatch):
+    from deeplab_cli import runner, runtime
+
+    seen = {}
+    real_open, real_segment = runtime.open_session, runner.segment
+
+    def open_session(path, device, threads, spin=True):
+        seen.update(threads=threads, spin=spin)
+        return real_open(path, device, threads, spin)
+
+    def segment_spy(jobs, session, settings, workers, batch_size):
+        seen.update(workers=workers, batch_size=batch_size)
+        return real_segment(jobs, session, settings, workers, batch_size)
+
+    monkeypatch.setattr(runtime, "open_session", open_session)
+    monkeypatch.setattr(runner, "segment", segment_spy)
+    monkeypatch.setattr(runner, "usable_cores", lambda: 2)
+    result = segment(photo_folder / "cats", "--out", tmp_path / "m", "-m", onnx_model, "--device", "cpu", "--no-crf")
+    assert result.exit_code == 0, result.output
+    assert seen == {"threads": 1, "spin": False, "workers": 1, "batch_size": 1}

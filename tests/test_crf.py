@@ -167,3 +167,14 @@ def test_params_from_partial_dict_keeps_defaults():
 def test_params_from_dict_rejects_bad_entries(mapping, key):
     with pytest.raises(ValueError, match=f"'{key}'"):
         CRFParams.from_dict(mapping)
+
+
+def test_marginals_can_be_refined_again():
+    # dense_crf returns a pixel-major view; feeding it back (or any strided probs) must work.
+    rng = np.random.default_rng(3)
+    image = rng.integers(0, 255, (4, 5, 3), dtype=np.uint8)
+    probs = rng.dirichlet(np.ones(3), size=(4, 5)).transpose(2, 0, 1).astype(np.float32)
+    once = dense_crf(image, probs, CRFParams(iters=2))
+    assert not once.flags.c_contiguous
+    twice = dense_crf(image, once, CRFParams(iters=2))
+    assert twice.shape == (3, 4, 5) and np.allclose(twice.sum(0), 1, atol=1e-5)

@@ -193,3 +193,22 @@ def test_a_killed_worker_costs_nothing(tmp_path, session):
     assert sorted(r.job.key for r in results) == [str(i) for i in range(6)]
     assert {r.status for r in results} == {"ok"}
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [f"{i}.png" for i in range(6)]
+
+
+@pytest.mark.parametrize("cores,gpu,threads,jobs,expected", [
+    (2, False, None, None, (1, 1)),  # the VOC-sized case: one core for each stage
+    (16, False, None, None, (10, 6)),
+    (1, False, None, None, (1, 0)),
+    (8, False, 6, None, (6, 2)),  # what the user fixes, the other stage fills around
+    (8, False, None, 5, (3, 5)),
+    (8, False, None, 0, (8, 0)),
+    (16, True, None, None, (1, 16)),  # with a GPU every core runs the CRF
+])
+def test_thread_budget(cores, gpu, threads, jobs, expected):
+    assert runner.thread_budget(cores, gpu, threads, jobs) == expected
+
+
+def test_default_budget_never_oversubscribes():
+    for cores in range(1, 129):
+        threads, workers = runner.thread_budget(cores, False)
+        assert threads + workers <= cores and threads >= 1

@@ -201,9 +201,10 @@ def _download_progress():
 @click.option("-m", "--model", default="largefov-voc12", show_default=True,
               help="A model name from `deeplab models list`, or a path to an .onnx file.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
-@click.option("--threads", type=click.IntRange(min=1), help="onnxruntime threads (default: all cores).")
+@click.option("--threads", type=click.IntRange(min=1),
+              help="onnxruntime threads (default: the cores the CRF workers leave; on a GPU, 1).")
 @click.option("-j", "--jobs", type=click.IntRange(min=0),
-              help="CRF worker processes (default: all cores with a GPU, half of them on the CPU; 0: no workers).")
+              help="CRF worker processes (default: every core with a GPU, about a third of them on the CPU; 0: none).")
 @click.option("--batch-size", type=click.IntRange(min=1), help="Images of equal size per network call (default: 8 on a GPU, 1 on the CPU).")
 @click.option("--max-size", type=click.IntRange(min=0), default=513, show_default=True,
               help="Longer side the network sees; larger images are scaled down, results brought back. 0: no limit.")
@@ -251,13 +252,17 @@ def segment(inputs, out, recursive, overwrite, shard, as_json, quiet, model, dev
             sys.exit(report(results, len(job_list), as_json, quiet, "ray", out=stdout))
         finally:
             sys.stdout = stdout
-    session = open_session(model_path, device, threads, spin=jobs == 0)
+    threads_asked, cores = threads, runner.usable_cores()
+    threads, workers = runner.thread_budget(cores, gpu, threads_asked, jobs)
+    session = open_session(model_path, device, threads, spin=workers == 0)
+    if gpu and session.provider == "CPUExecutionProvider":  # auto saw a CUDA provider that did not start
+        gpu = False
+        threads, workers = runner.thread_budget(cores, gpu, threads_asked, jobs)
+        session = open_session(model_path, device, threads, spin=workers == 0)
     if device == "auto" and not quiet:
         click.echo(f"deeplab: running on {session.provider}", err=True)
     prepare_out(out, session.classes)
-    on_gpu = session.provider != "CPUExecutionProvider"
-    workers = runner.default_workers(session.provider) if jobs is None else jobs
-    results = runner.segment(job_list, session, settings, workers, batch_size or (8 if on_gpu else 1))
+    results = runner.segment(job_list, session, settings, workers, batch_size or (8 if gpu else 1))
     sys.exit(report(results, len(job_list), as_json, quiet, session.provider))
 
 

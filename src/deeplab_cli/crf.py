@@ -111,7 +111,7 @@ def dense_crf(image: np.ndarray, probs: np.ndarray, params: CRFParams = CRFParam
 
 def _unary(probs: np.ndarray) -> np.ndarray:
     """(C, H, W) probabilities -> (C, H*W) C-contiguous float32 -log p, built in one buffer."""
-    unary = np.maximum(probs.reshape(probs.shape[0], -1), _MIN_PROB, dtype=np.float32)
+    unary = np.maximum(probs.reshape(probs.shape[0], -1), _MIN_PROB, dtype=np.float32, order="C")
     np.log(unary, out=unary)
     np.negative(unary, out=unary)
     return unary
