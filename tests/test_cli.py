@@ -233,23 +233,27 @@ def test_unwritable_output_folder_is_a_usage_error(photo_folder, onnx_model, tmp
     assert "Traceback" not in result.output
 
 
-def test_segment_shares_the_cores_between_network_and_crf(photo_folder, onnx_model, tmp_path, monkeypatch):
+def test_segment_shares_the_cores(photo_folder, onnx_model, tmp_path, monkeypatch):
     from deeplab_cli import runner, runtime
 
-    seen = {}
-    real_open, real_segment = runtime.open_session, runner.segment
+    opened, lanes = [], []
+    real_open, real_lanes = runtime.open_session, runner.segment_lanes
 
     def open_session(path, device, threads, spin=True):
-        seen.update(threads=threads, spin=spin)
+        opened.append((threads, spin))
         return real_open(path, device, threads, spin)
 
-    def segment_spy(jobs, session, settings, workers, batch_size):
-        seen.update(workers=workers, batch_size=batch_size)
-        return real_segment(jobs, session, settings, workers, batch_size)
+    def segment_lanes(jobs, model_path, settings, workers, threads):
+        lanes.append((workers, threads))
+        return real_lanes(jobs, model_path, settings, workers, threads)
 
     monkeypatch.setattr(runtime, "open_session", open_session)
-    monkeypatch.setattr(runner, "segment", segment_spy)
+    monkeypatch.setattr(runner, "segment_lanes", segment_lanes)
     monkeypatch.setattr(runner, "usable_cores", lambda: 2)
-    result = segment(photo_folder / "cats", "--out", tmp_path / "m", "-m", onnx_model, "--device", "cpu", "--no-crf")
-    assert result.exit_code == 0, result.output
-    assert seen == {"threads": 1, "spin": False, "workers": 1, "batch_size": 1}
+    args = (photo_folder / "cats", "-m", onnx_model, "--device", "cpu", "--no-crf")
+    assert segment(*args, "--out", tmp_path / "a").exit_code == 0
+    assert lanes == [(2, 1)]  # a single-threaded lane per core, each through every stage
+    assert segment(*args, "--out", tmp_path / "b", "-j", "0").exit_code == 0
+    assert opened[-1] == (2, True)  # one process: onnxruntime on both cores
+    assert lanes == [(2, 1)]
+    assert (tmp_path / "a/a.png").read_bytes() == (tmp_path / "b/a.png").read_bytes()

@@ -196,11 +196,11 @@ def test_a_killed_worker_costs_nothing(tmp_path, session):
 
 
 @pytest.mark.parametrize("cores,gpu,threads,jobs,expected", [
-    (2, False, None, None, (1, 1)),  # the VOC-sized case: one core for each stage
-    (16, False, None, None, (10, 6)),
+    (2, False, None, None, (1, 2)),  # a single-threaded lane per core
+    (16, False, None, None, (1, 16)),
     (1, False, None, None, (1, 0)),
-    (8, False, 6, None, (6, 2)),  # what the user fixes, the other stage fills around
-    (8, False, None, 5, (3, 5)),
+    (8, False, 2, None, (2, 4)),  # what the user fixes, the other fills the cores around
+    (8, False, None, 2, (4, 2)),
     (8, False, None, 0, (8, 0)),
     (16, True, None, None, (1, 16)),  # with a GPU every core runs the CRF
 ])
@@ -211,4 +211,15 @@ def test_thread_budget(cores, gpu, threads, jobs, expected):
 def test_default_budget_never_oversubscribes():
     for cores in range(1, 129):
         threads, workers = runner.thread_budget(cores, False)
-        assert threads + workers <= cores and threads >= 1
+        assert threads * max(workers, 1) <= cores and threads >= 1
+
+
+def test_lanes_write_what_the_serial_path_writes(folder, session, onnx_model, tmp_path):
+    serial = run(folder, session, tmp_path / "serial")
+    settings = runner.Settings(out=tmp_path / "lanes", formats=("index", "probs", "logits"))
+    lanes = {r.job.key: r for r in runner.segment_lanes(collect([str(folder)]), onnx_model, settings, 2)}
+    assert {k: r.status for k, r in serial.items()} == {k: r.status for k, r in lanes.items()}
+    for path in (tmp_path / "serial").rglob("*.*"):
+        assert path.read_bytes() == (tmp_path / "lanes" / path.name).read_bytes(), path.name
+    again = list(runner.segment_lanes(collect([str(folder)]), onnx_model, settings, 2))
+    assert sorted(r.status for r in again) == ["error"] + ["skipped"] * 5

@@ -202,10 +202,11 @@ def _download_progress():
               help="A model name from `deeplab models list`, or a path to an .onnx file.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--threads", type=click.IntRange(min=1),
-              help="onnxruntime threads (default: the cores the CRF workers leave; on a GPU, 1).")
+              help="onnxruntime threads of each CPU worker (default 1), or of the one process with -j 0 (all cores).")
 @click.option("-j", "--jobs", type=click.IntRange(min=0),
-              help="CRF worker processes (default: every core with a GPU, about a third of them on the CPU; 0: none).")
-@click.option("--batch-size", type=click.IntRange(min=1), help="Images of equal size per network call (default: 8 on a GPU, 1 on the CPU).")
+              help="Worker processes: on the CPU each takes whole images through every stage (default: one per "
+                   "core); with a GPU they run the CRF (default: every core); 0: everything in one process.")
+@click.option("--batch-size", type=click.IntRange(min=1), help="Images of equal size per GPU network call [8].")
 @click.option("--max-size", type=click.IntRange(min=0), default=513, show_default=True,
               help="Longer side the network sees; larger images are scaled down, results brought back. 0: no limit.")
 @click.option("--pad-to", type=click.IntRange(min=1), help="Pad bottom/right with the mean to this size, as the paper's test protocol (513).")
@@ -252,18 +253,22 @@ def segment(inputs, out, recursive, overwrite, shard, as_json, quiet, model, dev
             sys.exit(report(results, len(job_list), as_json, quiet, "ray", out=stdout))
         finally:
             sys.stdout = stdout
-    threads_asked, cores = threads, runner.usable_cores()
-    threads, workers = runner.thread_budget(cores, gpu, threads_asked, jobs)
-    session = open_session(model_path, device, threads, spin=workers == 0)
-    if gpu and session.provider == "CPUExecutionProvider":  # auto saw a CUDA provider that did not start
-        gpu = False
-        threads, workers = runner.thread_budget(cores, gpu, threads_asked, jobs)
-        session = open_session(model_path, device, threads, spin=workers == 0)
+    # This session checks the model and the device before any work, and tells where the network runs.
+    session = open_session(model_path, device, threads or 1, spin=False)
+    provider = session.provider
+    gpu = provider != "CPUExecutionProvider"
+    threads, workers = runner.thread_budget(runner.usable_cores(), gpu, threads, jobs)
     if device == "auto" and not quiet:
-        click.echo(f"deeplab: running on {session.provider}", err=True)
+        click.echo(f"deeplab: running on {provider}", err=True)
     prepare_out(out, session.classes)
-    results = runner.segment(job_list, session, settings, workers, batch_size or (8 if gpu else 1))
-    sys.exit(report(results, len(job_list), as_json, quiet, session.provider))
+    if gpu:
+        results = runner.segment(job_list, session, settings, workers, batch_size or 8)
+    elif workers == 0:
+        results = runner.segment(job_list, open_session(model_path, device, threads), settings)
+    else:
+        results = runner.segment_lanes(job_list, model_path, settings, workers, threads)
+    del session  # on the CPU the lanes, or the one-process session, hold the network
+    sys.exit(report(results, len(job_list), as_json, quiet, provider))
 
 
 @cli.command()
@@ -295,7 +300,8 @@ def crf(inputs, logits_dir, out, recursive, overwrite, shard, as_json, quiet, fo
                                crf=crf_settings({}, crf_params, crf_opts), alpha=alpha, overwrite=overwrite)
     prepare_out(out, VOC_CLASSES)
     work = functools.partial(runner.crf_one, logits_dir=logits_dir, settings=settings)
-    results = runner.parallel_map(work, job_list, min(jobs or runner.usable_cores(), max(1, len(job_list))))
+    lanes = min(jobs or runner.usable_cores(), max(1, len(job_list)))
+    results = runner.parallel_map(work, job_list, lanes, lambda args: runner.lost_result(args[0]))
     sys.exit(report(results, len(job_list), as_json, quiet, "cpu"))
 
 
@@ -345,7 +351,9 @@ def crf_tune(inputs, logits_dir, gt_dir, out, recursive, limit, bi_w, bi_xy_std,
     work = functools.partial(tune.score_sample, settings=settings, num_classes=num_classes)
     total, failed = np.zeros((len(settings), num_classes, num_classes + 1), np.int64), 0
     with tqdm(total=len(samples), disable=quiet or not sys.stderr.isatty(), unit="img", file=sys.stderr) as bar:
-        for _, confusions, error in runner.parallel_map(work, samples, min(jobs or runner.usable_cores(), max(1, len(samples)))):
+        lost = lambda args: (args[0], None, f"{args[0].image}: the worker process died while scoring it")  # noqa: E731
+        lanes = min(jobs or runner.usable_cores(), max(1, len(samples)))
+        for _, confusions, error in runner.parallel_map(work, samples, lanes, lost):
             if error:
                 failed += 1
                 bar.write(f"deeplab: {error}", file=sys.stderr)

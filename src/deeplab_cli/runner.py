@@ -6,6 +6,7 @@ are written atomically, so an image whose outputs all exist is complete and is s
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 from collections import deque
@@ -219,10 +220,7 @@ def segment(jobs: Iterable[Job], session, settings: Settings, workers: int = 0,
 
 
 def _pipeline(batches, session, settings: Settings, workers: int) -> Iterator[Result]:
-    # Workers do one image at a time on one core: BLAS threads of their own would only fight the network.
-    for variable in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
-        os.environ.setdefault(variable, "1")
-    with _Workers(workers) as pool:
+    with _Workers(workers, finish_job, lost=_lost_image) as pool:
         for batch in batches:
             if isinstance(batch, Result):
                 yield batch
@@ -238,13 +236,27 @@ def _pipeline(batches, session, settings: Settings, workers: int) -> Iterator[Re
             yield from pool.results(block=True)
 
 
-class _Workers:
-    """Spawned processes running `finish_job`. A worker that dies (the kernel's OOM killer, a crash in
-    native code) breaks the whole pool: its tasks are given once more to a fresh pool, and a task whose
-    second pool breaks too is reported as that image's error, so one bad image cannot end the run."""
+def lost_result(job: Job) -> Result:
+    """The Result of an image whose worker process died twice while processing it."""
+    return Result(job, "error", [], f"{job.source}: the worker process died while processing it (out of memory?)")
 
-    def __init__(self, workers: int):
-        self.workers, self.tasks = workers, {}
+
+def _lost_image(args: tuple) -> Result:
+    return lost_result(args[0])
+
+
+class _Workers:
+    """Spawned processes running `function`. A worker that dies (the kernel's OOM killer, a crash in
+    native code) breaks the whole pool: its tasks are given once more to a fresh pool, and a task whose
+    second pool breaks too becomes `lost(args)`, so one bad input cannot end the run."""
+
+    def __init__(self, workers: int, function: Callable, lost: Callable[[tuple], object],
+                 initializer: Callable | None = None, initargs: tuple = ()):
+        self.workers, self.function, self.lost, self.tasks = workers, function, lost, {}
+        self.initializer, self.initargs = initializer, initargs
+        # Each worker does one task at a time on one core: BLAS threads of its own would only fight the rest.
+        for variable in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+            os.environ.setdefault(variable, "1")
         self.pool = self._new_pool()
 
     def _new_pool(self):
@@ -252,7 +264,7 @@ class _Workers:
         from concurrent.futures import ProcessPoolExecutor
 
         return ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"),
-                                   initializer=_follow_parent, initargs=(os.getpid(),))
+                                   initializer=_start_worker, initargs=(os.getpid(), self.initializer, self.initargs))
 
     def __enter__(self):
         return self
@@ -268,10 +280,10 @@ class _Workers:
         from concurrent.futures.process import BrokenProcessPool
 
         try:
-            future = self.pool.submit(finish_job, *args)
+            future = self.pool.submit(self.function, *args)
         except BrokenProcessPool:  # broke since the last look: its own tasks are retried as they come back
             self._replace(self.pool)
-            future = self.pool.submit(finish_job, *args)
+            future = self.pool.submit(self.function, *args)
         self.tasks[future] = (args, tries, self.pool)
 
     def _replace(self, broken) -> None:
@@ -279,7 +291,7 @@ class _Workers:
             broken.shutdown(wait=False)
             self.pool = self._new_pool()
 
-    def results(self, block: bool) -> Iterator[Result]:
+    def results(self, block: bool) -> Iterator:
         from concurrent.futures import FIRST_COMPLETED, wait
         from concurrent.futures.process import BrokenProcessPool
 
@@ -291,9 +303,7 @@ class _Workers:
                 continue
             self._replace(pool)
             if tries:
-                job = args[0]
-                yield Result(job, "error", [], f"{job.source}: the worker process died while processing it "
-                                               "(out of memory?)", args[-1])
+                yield self.lost(args)
             else:
                 self.submit(args, 1)
 
@@ -342,9 +352,9 @@ def crf_one(job: Job, logits_dir: Path, settings: Settings) -> Result:
     return attempt(job, settings, work)
 
 
-def _follow_parent(parent: int) -> None:
-    """Worker initializer: exit when the parent is gone. A killed `deeplab` (SIGKILL, a scheduler's
-    time limit) runs no cleanup, and its workers would otherwise wait for tasks forever."""
+def _start_worker(parent: int, initializer: Callable | None, initargs: tuple) -> None:
+    """Worker initializer: exit when the parent is gone (a killed `deeplab`, by SIGKILL or a scheduler's
+    time limit, runs no cleanup, and its workers would otherwise wait for tasks forever), then `initializer`."""
     import threading
 
     def watch():
@@ -353,6 +363,8 @@ def _follow_parent(parent: int) -> None:
         os._exit(1)
 
     threading.Thread(target=watch, daemon=True, name="deeplab-parent-watch").start()
+    if initializer:
+        initializer(*initargs)
 
 
 def usable_cores() -> int:
@@ -360,41 +372,80 @@ def usable_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-# The CRF costs about 35-40% of the network's CPU time on a VOC image (1.1-1.6 s against 2.3-2.9 s).
-CRF_SHARE = 0.35
-
-
 def thread_budget(cores: int, gpu: bool, threads: int | None = None, workers: int | None = None) -> tuple[int, int]:
-    """(onnxruntime intra-op threads, CRF worker processes) that share `cores` without oversubscribing them.
+    """(onnxruntime threads, worker processes) that share `cores` without oversubscribing them.
 
-    On a GPU the network needs one driving thread and every core runs a CRF worker. On the CPU the cores
-    are split in proportion to the two stages' costs; whatever the user fixes, the other takes the rest.
-    workers == 0 means everything in one process, with onnxruntime on every core.
+    With a GPU the network runs in this process (one driving thread) and every core runs a CRF worker.
+    On the CPU the workers are lanes (`segment_lanes`): by default one single-threaded lane per core.
+    workers == 0 means everything in this one process, with onnxruntime on every core.
     """
     if gpu:
         return threads or 1, cores if workers is None else workers
-    if workers == 0:
+    if workers == 0 or (workers is None and cores < 2):
         return threads or cores, 0
     if workers is None:
-        if cores < 2:
-            return threads or 1, 0  # nothing to overlap with: one process, no pickling
-        workers = max(1, cores - threads) if threads else max(1, round(cores * CRF_SHARE))
-    return threads or max(1, cores - workers), workers
+        threads = threads or 1
+        return threads, max(1, cores // threads)
+    return threads or max(1, cores // workers), workers
 
 
-def parallel_map(function: Callable, items: Iterable, jobs: int) -> Iterator:
-    """`map` over worker processes, results in completion order so each is reported as soon as it is done.
+def parallel_map(function: Callable, items: Iterable, jobs: int, lost: Callable[[tuple], object],
+                 initializer: Callable | None = None, initargs: tuple = ()) -> Iterator:
+    """`map` over `jobs` worker processes, results in completion order so each is reported as soon as it
+    is done, at most two items per worker in flight. An item whose worker dies twice gives `lost((item,))`.
 
     Workers are spawned, not forked: a fork of a process holding onnxruntime's or OpenBLAS's threads can
     deadlock. With jobs == 1 everything runs in this process.
     """
     if jobs <= 1:
+        if initializer:
+            initializer(*initargs)
         yield from map(function, items)
         return
-    import multiprocessing
+    with _Workers(jobs, function, lost, initializer, initargs) as pool:
+        for item in items:
+            pool.submit((item,))
+            yield from pool.results(block=pool.in_flight >= 2 * jobs)
+        while pool.in_flight:
+            yield from pool.results(block=True)
 
-    with multiprocessing.get_context("spawn").Pool(jobs, _follow_parent, (os.getpid(),)) as pool:
-        yield from pool.imap_unordered(function, items)
+
+def segment_lanes(jobs: Iterable[Job], model_path: str | os.PathLike, settings: Settings, lanes: int,
+                  threads: int = 1) -> Iterator[Result]:
+    """Segment on the CPU with `lanes` processes, each taking whole images through every stage with a
+    session of its own (`threads` onnxruntime threads).
+
+    On the CPU this overlaps the stages better than a pipeline: while one lane runs its CRF (one core)
+    another runs the network, every thread stays busy, and no thread team waits at a barrier for a
+    thread that a CRF worker displaced (BENCHMARKS.md has the measurements).
+    """
+    todo = []
+    for job in jobs:
+        if is_done(job, settings):
+            yield Result(job, "skipped", output_paths(job, settings))
+        else:
+            todo.append(job)
+    yield from parallel_map(functools.partial(lane_job, settings=settings), todo, lanes, _lost_image,
+                            _open_lane_session, (os.fspath(model_path), threads))
+
+
+_lane_session = None  # one per lane process, opened by its pool's initializer
+
+
+def _open_lane_session(model_path: str, threads: int) -> None:
+    global _lane_session
+    from deeplab_cli.runtime import open_session
+
+    _lane_session = open_session(model_path, "cpu", threads)
+
+
+def lane_job(job: Job, settings: Settings) -> Result:
+    """One image through every stage, in a lane process."""
+    loaded = load_job(job, settings)
+    if isinstance(loaded, Result):
+        return loaded
+    item, net, failed = run_network([loaded], _lane_session, settings)[0]
+    return failed or finish_job(job, settings, item.image, item.small, net, _lane_session.model_name, item.timings)
 
 
 def write_outputs(job: Job, settings: Settings, *, image, labels, probs, logits, work_size, model) -> None:
