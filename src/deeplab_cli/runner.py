@@ -425,7 +425,9 @@ def segment_lanes(jobs: Iterable[Job], model_path: str | os.PathLike, settings: 
             yield Result(job, "skipped", output_paths(job, settings))
         else:
             todo.append(job)
-    yield from parallel_map(functools.partial(lane_job, settings=settings), todo, lanes, _lost_image,
+    if not todo:
+        return
+    yield from parallel_map(functools.partial(lane_job, settings=settings), todo, min(lanes, len(todo)), _lost_image,
                             _open_lane_session, (os.fspath(model_path), threads))
 
 
