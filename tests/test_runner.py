@@ -1,5 +1,6 @@
 """The batch runner: the pipelined path gives exactly the serial path's outputs, with bounded memory."""
 
+import os
 import time
 
 import cv2
@@ -223,3 +224,16 @@ def test_lanes_write_what_the_serial_path_writes(folder, session, onnx_model, tm
         assert path.read_bytes() == (tmp_path / "lanes" / path.name).read_bytes(), path.name
     again = list(runner.segment_lanes(collect([str(folder)]), onnx_model, settings, 2))
     assert sorted(r.status for r in again) == ["error"] + ["skipped"] * 5
+
+
+def _dies_on_three(n):
+    if n == 3:
+        os._exit(1)  # as the OOM killer would end it: no exception, no cleanup
+    return n * 10
+
+
+def test_an_input_that_kills_its_worker_every_time_is_reported_not_retried_forever():
+    results = list(runner.parallel_map(_dies_on_three, range(6), 2, lambda n: ("lost", n)))
+    assert ("lost", 3) in results
+    accounted = sorted(r[1] if isinstance(r, tuple) else r // 10 for r in results)
+    assert accounted == list(range(6))  # each input exactly once, done or reported

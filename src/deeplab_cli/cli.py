@@ -301,7 +301,7 @@ def crf(inputs, logits_dir, out, recursive, overwrite, shard, as_json, quiet, fo
     prepare_out(out, VOC_CLASSES)
     work = functools.partial(runner.crf_one, logits_dir=logits_dir, settings=settings)
     lanes = min(jobs or runner.usable_cores(), max(1, len(job_list)))
-    results = runner.parallel_map(work, job_list, lanes, lambda args: runner.lost_result(args[0]))
+    results = runner.parallel_map(work, job_list, lanes, runner.lost_result)
     sys.exit(report(results, len(job_list), as_json, quiet, "cpu"))
 
 
@@ -351,9 +351,8 @@ def crf_tune(inputs, logits_dir, gt_dir, out, recursive, limit, bi_w, bi_xy_std,
     work = functools.partial(tune.score_sample, settings=settings, num_classes=num_classes)
     total, failed = np.zeros((len(settings), num_classes, num_classes + 1), np.int64), 0
     with tqdm(total=len(samples), disable=quiet or not sys.stderr.isatty(), unit="img", file=sys.stderr) as bar:
-        lost = lambda args: (args[0], None, f"{args[0].image}: the worker process died while scoring it")  # noqa: E731
         lanes = min(jobs or runner.usable_cores(), max(1, len(samples)))
-        for _, confusions, error in runner.parallel_map(work, samples, lanes, lost):
+        for _, confusions, error in runner.parallel_map(work, samples, lanes, tune.lost_sample):
             if error:
                 failed += 1
                 bar.write(f"deeplab: {error}", file=sys.stderr)

@@ -220,7 +220,7 @@ def segment(jobs: Iterable[Job], session, settings: Settings, workers: int = 0,
 
 
 def _pipeline(batches, session, settings: Settings, workers: int) -> Iterator[Result]:
-    with _Workers(workers, finish_job, lost=_lost_image) as pool:
+    with _Workers(workers, finish_job, lost=lost_result) as pool:
         for batch in batches:
             if isinstance(batch, Result):
                 yield batch
@@ -241,16 +241,12 @@ def lost_result(job: Job) -> Result:
     return Result(job, "error", [], f"{job.source}: the worker process died while processing it (out of memory?)")
 
 
-def _lost_image(args: tuple) -> Result:
-    return lost_result(args[0])
-
-
 class _Workers:
     """Spawned processes running `function`. A worker that dies (the kernel's OOM killer, a crash in
     native code) breaks the whole pool: its tasks are given once more to a fresh pool, and a task whose
-    second pool breaks too becomes `lost(args)`, so one bad input cannot end the run."""
+    second pool breaks too becomes `lost(first argument)`, so one bad input cannot end the run."""
 
-    def __init__(self, workers: int, function: Callable, lost: Callable[[tuple], object],
+    def __init__(self, workers: int, function: Callable, lost: Callable,
                  initializer: Callable | None = None, initargs: tuple = ()):
         self.workers, self.function, self.lost, self.tasks = workers, function, lost, {}
         self.initializer, self.initargs = initializer, initargs
@@ -303,7 +299,7 @@ class _Workers:
                 continue
             self._replace(pool)
             if tries:
-                yield self.lost(args)
+                yield self.lost(args[0])
             else:
                 self.submit(args, 1)
 
@@ -389,10 +385,10 @@ def thread_budget(cores: int, gpu: bool, threads: int | None = None, workers: in
     return threads or max(1, cores // workers), workers
 
 
-def parallel_map(function: Callable, items: Iterable, jobs: int, lost: Callable[[tuple], object],
+def parallel_map(function: Callable, items: Iterable, jobs: int, lost: Callable,
                  initializer: Callable | None = None, initargs: tuple = ()) -> Iterator:
     """`map` over `jobs` worker processes, results in completion order so each is reported as soon as it
-    is done, at most two items per worker in flight. An item whose worker dies twice gives `lost((item,))`.
+    is done, at most two items per worker in flight. An item whose worker dies twice gives `lost(item)`.
 
     Workers are spawned, not forked: a fork of a process holding onnxruntime's or OpenBLAS's threads can
     deadlock. With jobs == 1 everything runs in this process.
@@ -427,7 +423,7 @@ def segment_lanes(jobs: Iterable[Job], model_path: str | os.PathLike, settings: 
             todo.append(job)
     if not todo:
         return
-    yield from parallel_map(functools.partial(lane_job, settings=settings), todo, min(lanes, len(todo)), _lost_image,
+    yield from parallel_map(functools.partial(lane_job, settings=settings), todo, min(lanes, len(todo)), lost_result,
                             _open_lane_session, (os.fspath(model_path), threads))
 
 

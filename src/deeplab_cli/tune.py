@@ -69,3 +69,8 @@ def score_sample(sample: Sample, settings: list[CRFParams], num_classes: int):
         return sample, None, str(e)
     except Exception as e:  # reported per sample, like every batch command
         return sample, None, f"{sample.image}: {type(e).__name__}: {e}"
+
+
+def lost_sample(sample: Sample):
+    """What `score_sample` would return for a sample whose worker process died twice."""
+    return sample, None, f"{sample.image}: the worker process died while scoring it"
