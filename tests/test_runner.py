@@ -171,7 +171,6 @@ def test_memory_stays_flat_over_long_runs(tmp_path, workers):
 
 
 def test_a_killed_worker_costs_nothing(tmp_path, session):
-    import os
     import signal
     from pathlib import Path
 
