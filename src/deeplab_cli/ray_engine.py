@@ -247,14 +247,11 @@ def segment(jobs: list[Job], model_path: Path, settings: runner.Settings, *, dev
         raise RuntimeSetupError("--engine ray needs Ray: pip install 'deeplab-cli[ray]'") from None
 
     _device_kind(device)  # a bad --device fails before any work
-    todo = {}
-    for job in jobs:
-        if runner.is_done(job, settings):
-            yield runner.Result(job, "skipped", runner.output_paths(job, settings))
-        else:
-            todo[job.key] = job
-    if not todo:
+    skipped, remaining = runner.split_done(jobs, settings)
+    yield from skipped
+    if not remaining:
         return
+    todo = {job.key: job for job in remaining}
     try:
         model = Path(model_path).read_bytes()
     except OSError as e:

@@ -90,6 +90,17 @@ def is_done(job: Job, settings: Settings) -> bool:
     return not settings.overwrite and all(p.is_file() for p in output_paths(job, settings))
 
 
+def split_done(jobs: Iterable[Job], settings: Settings) -> tuple[list[Result], list[Job]]:
+    """("skipped" Results for jobs whose outputs all exist, the jobs still to do)."""
+    skipped, todo = [], []
+    for job in jobs:
+        if is_done(job, settings):
+            skipped.append(Result(job, "skipped", output_paths(job, settings)))
+        else:
+            todo.append(job)
+    return skipped, todo
+
+
 def attempt(job: Job, settings: Settings, work: Callable[[dict[str, float]], None],
             timings: dict[str, float] | None = None) -> Result:
     """Run `work(timings)` for one job; any failure becomes the Result's error instead of ending the batch."""
@@ -198,12 +209,8 @@ def segment(jobs: Iterable[Job], session, settings: Settings, workers: int = 0,
     `workers` processes do upsampling, CRF and writing; queues between them are bounded, so memory
     stays flat however many images there are.
     """
-    todo = []
-    for job in jobs:
-        if is_done(job, settings):
-            yield Result(job, "skipped", output_paths(job, settings))
-        else:
-            todo.append(job)
+    skipped, todo = split_done(jobs, settings)
+    yield from skipped
     if not todo:
         return
     loaded = _prefetch(todo, settings, depth=2 * max(1, batch_size))
@@ -415,12 +422,8 @@ def segment_lanes(jobs: Iterable[Job], model_path: str | os.PathLike, settings: 
     another runs the network, every thread stays busy, and no thread team waits at a barrier for a
     thread that a CRF worker displaced (BENCHMARKS.md has the measurements).
     """
-    todo = []
-    for job in jobs:
-        if is_done(job, settings):
-            yield Result(job, "skipped", output_paths(job, settings))
-        else:
-            todo.append(job)
+    skipped, todo = split_done(jobs, settings)
+    yield from skipped
     if not todo:
         return
     yield from parallel_map(functools.partial(lane_job, settings=settings), todo, min(lanes, len(todo)), lost_result,
