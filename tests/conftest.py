@@ -31,6 +31,20 @@ def onnx_model(weights, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def probs_model(weights, tmp_path_factory):
+    """The graph for GPUs: `onnx_model` plus `probs` and `labels` outputs at the working size."""
+    import onnx
+
+    from deeplab_cli.model import build_onnx, check_weights
+    from deeplab_cli.outputs import VOC_CLASSES
+
+    path = tmp_path_factory.mktemp("model") / "model.gpu.onnx"
+    onnx.save(build_onnx(check_weights(weights, "test"), classes=list(VOC_CLASSES), model_name="test",
+                         source_sha256="0" * 64, with_probs=True), path)
+    return path
+
+
+@pytest.fixture(scope="session")
 def largefov_caffemodel(weights, tmp_path_factory):
     """`weights` as a real DeepLab v1 training snapshot (.caffemodel, old layout), ~82 MB."""
     from caffe_writer import write_caffemodel

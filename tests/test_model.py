@@ -105,14 +105,6 @@ def test_check_weights_accepts_legacy_bias_shape(weights):
     assert checked["fc7"][1].shape == (1024,)
 
 
-@pytest.fixture(scope="module")
-def probs_model(weights, tmp_path_factory):
-    path = tmp_path_factory.mktemp("heads") / "with_probs.onnx"
-    onnx.save(build_onnx(check_weights(weights, "w"), classes=[str(i) for i in range(21)], model_name="t",
-                         source_sha256="", with_probs=True), path)
-    return path
-
-
 @pytest.mark.parametrize("size,pad_to", [((37, 45), None), ((1, 1), None), ((30, 52), (65, 70))])
 def test_probs_and_labels_in_the_graph(probs_model, size, pad_to):
     from reference import caffe_interp

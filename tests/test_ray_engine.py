@@ -128,19 +128,6 @@ def local(jobs, onnx_model, settings) -> dict[str, runner.Result]:
     return {r.job.key: r for r in runner.segment(jobs, session, settings)}
 
 
-@pytest.fixture(scope="module")
-def probs_model(weights, tmp_path_factory):
-    """The graph for GPUs, which gives probabilities or labels at the working size instead of logits."""
-    import onnx
-
-    from deeplab_cli.model import build_onnx, check_weights
-
-    path = tmp_path_factory.mktemp("probs") / "model.onnx"
-    onnx.save(build_onnx(check_weights(weights, "w"), classes=[str(i) for i in range(21)], model_name="t",
-                         source_sha256="", with_probs=True), path)
-    return path
-
-
 @pytest.mark.parametrize("graph,crf,formats", [
     ("logits", CRFParams(), ("index", "overlay", "probs", "logits")),
     ("probs", None, ("index",)),  # labels for the images seen whole, probabilities for the downscaled one

@@ -107,15 +107,8 @@ def test_completed_outputs_are_skipped_first(folder, session, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def probs_session(weights, tmp_path_factory):
-    import onnx
-
-    from deeplab_cli.model import build_onnx, check_weights
-
-    path = tmp_path_factory.mktemp("gpu") / "model.gpu.onnx"
-    onnx.save(build_onnx(check_weights(weights, "w"), classes=[str(i) for i in range(21)], model_name="t",
-                         source_sha256="", with_probs=True), path)
-    return open_session(path, "cpu")
+def probs_session(probs_model):
+    return open_session(probs_model, "cpu")
 
 
 def test_a_graph_that_upsamples_itself_gives_the_same_masks(folder, session, probs_session, tmp_path):
