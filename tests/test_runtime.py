@@ -110,12 +110,12 @@ def test_logits_shape_values_and_pad_to(tiny_model):
     session = open_session(tiny_model, "cpu")
     images = np.random.default_rng(0).integers(0, 256, (2, 37, 45, 3), dtype=np.uint8)
 
-    logits = session.logits(images)
+    logits = session.run(images)["logits"]
     assert logits.dtype == np.float32 and logits.shape == (2, 2, 5, 6)
     np.testing.assert_array_equal(logits[:, 0], images[:, ::8, ::8, 0])
     np.testing.assert_array_equal(logits[:, 1], images[:, ::8, ::8, 2])
 
-    padded = session.logits(images, pad_to=(64, 72))
+    padded = session.run(images, pad_to=(64, 72))["logits"]
     assert padded.shape == (2, 2, 8, 9)
     np.testing.assert_array_equal(padded[:, :, :5, :6], logits)
     assert not padded[:, :, 5:].any() and not padded[:, :, :, 6:].any()

@@ -34,10 +34,6 @@ class Session:
             feeds["pad_to"] = np.asarray(pad_to, np.int64)
         return dict(zip(outputs, self.ort_session.run(list(outputs), feeds)))
 
-    def logits(self, images: np.ndarray, pad_to: tuple[int, int] | None = None) -> np.ndarray:
-        """(N, H, W, 3) uint8 BGR -> (N, C, h, w) float32 stride-8 scores."""
-        return self.run(images, pad_to)["logits"]
-
     @property
     def outputs(self) -> tuple[str, ...]:
         return tuple(o.name for o in self.ort_session.get_outputs())
