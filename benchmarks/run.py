@@ -9,7 +9,10 @@ Rows, all over the same N images, warm-up excluded (with --rounds R: each row R 
 - the serial baseline: one process, one onnxruntime session, upsampling, softmax, pydensecrf, argmax, PNG.
 - a PyTorch eager pipeline of the same network and the same CRF (torch is a benchmark-only dependency).
 - the network alone, as GFLOP/s from the analytic FLOP count, against numpy's float32 matmul rate.
-- on a machine where onnxruntime has CUDA: the network in float32 and float16, and `segment --device cuda`.
+- on a machine where onnxruntime has CUDA: the network in float32 and float16; the CRF alone on every core,
+  the ceiling of a GPU machine; and `segment --device cuda` (CRF on, and --no-crf) over enough images to
+  keep every CRF worker busy. `--gpu-only` leaves out the CPU rows but the serial baseline (the labels'
+  reference).
 """
 
 from __future__ import annotations
@@ -35,11 +38,13 @@ import deeplab_cli
 from deeplab_cli.crf import CRFParams, dense_crf
 from deeplab_cli.model import VOC_MEAN_BGR, Conv, Pool, build_onnx, check_weights, largefov_layers
 from deeplab_cli.outputs import VOC_CLASSES, read_index_png, voc_palette, write_index_png
+from deeplab_cli.runner import usable_cores
 from deeplab_cli.runtime import CUDA, open_session
 from deeplab_cli.upsample import caffe_interp, labels_from_scores, softmax
 
-LANDSCAPE, PORTRAIT = (375, 500), (500, 375)  # (H, W) of VOC's usual photos
-TARGETS = {"serial": 1.3, "pytorch": 1.6, "matmul": 0.85, "outside": 0.05, "labels": 0.999}
+VOC_SIZE = (375, 500)  # (H, W) of VOC's usual landscape photo; portraits are (500, 375)
+TARGETS = {"serial": 1.3, "pytorch": 1.6, "matmul": 0.85, "outside": 0.05, "labels": 0.999,
+           "gpu fp16": 300.0, "crf bound": 0.9}
 # Variables that change BLAS or OpenMP behaviour: printed, never changed.
 THREAD_ENV_PREFIXES = ("OPENBLAS_", "OMP_", "MKL_", "GOTO", "NVPL_", "ORT_")
 
@@ -111,13 +116,13 @@ def natural_image(height: int, width: int, rng: np.random.Generator) -> np.ndarr
     return np.clip(image, 0, 255).astype(np.uint8)
 
 
-def make_images(folder: Path, count: int, seed: int) -> list[Path]:
-    """`count` JPEGs (quality 90), mostly 500x375 landscape with every sixth 375x500 portrait."""
+def make_images(folder: Path, count: int, seed: int, size: tuple[int, int] = VOC_SIZE) -> list[Path]:
+    """`count` JPEGs (quality 90) of landscape `size` (H, W), every sixth one a portrait (W, H)."""
     rng = np.random.default_rng(seed)
     folder.mkdir(parents=True)
     paths = []
     for i in range(count):
-        height, width = PORTRAIT if i % 6 == 5 else LANDSCAPE
+        height, width = size[::-1] if i % 6 == 5 else size
         path = folder / f"img_{i:03d}.jpg"
         cv2.imwrite(str(path), natural_image(height, width, rng), [cv2.IMWRITE_JPEG_QUALITY, 90])
         paths.append(path)
@@ -250,11 +255,12 @@ def run_segment(inputs: list[Path], expected: int, out: Path, model: Path,
     return seconds, stages
 
 
-def measure_segment(name: str, folder: Path, paths: list[Path], model: Path, work: Path,
+def measure_segment(name: str, paths: list[Path], model: Path, work: Path,
                     extra: list[str]) -> tuple[Run, Run]:
-    """(steady-state, raw) rows for `deeplab segment` over `folder`, start-up from a 1-image run."""
+    """(steady-state, raw) rows for `deeplab segment` over the folder of `paths` (nothing else in it), start-up
+    from a 1-image run."""
     t_one, _ = run_segment(paths[:1], 1, work / f"{name}-one", model, extra)
-    t_all, stages = run_segment([folder], len(paths), work / name, model, extra)
+    t_all, stages = run_segment([paths[0].parent], len(paths), work / name, model, extra)
     n = len(paths)
     steady = Run(f"deeplab segment {' '.join(extra)}".strip(), n - 1, t_all - t_one, stages,
                  note=f"steady state (N-1)/(t_N - t_1); 1 image: {t_one:.2f} s")
@@ -267,7 +273,7 @@ def serial_baseline(paths: list[Path], model: Path, out: Path, threads: int) -> 
     pydensecrf, argmax, palette PNG. Returns the row and the labels (with and without the CRF)."""
     session = open_session(model, "cpu", threads)
     params, palette = CRFParams(), voc_palette()
-    session.logits(cv2.imread(str(paths[0]))[None])  # warm-up: ORT allocates its arenas on the first run
+    session.run(cv2.imread(str(paths[0]))[None])  # warm-up: ORT allocates its arenas on the first run
     out.mkdir(parents=True)
     stages = dict.fromkeys(("decode", "network", "upsample+softmax", "crf", "argmax", "write"), 0.0)
     labels: dict[str, np.ndarray] = {}
@@ -275,7 +281,7 @@ def serial_baseline(paths: list[Path], model: Path, out: Path, threads: int) -> 
         t0 = time.perf_counter()
         image = cv2.imread(str(path), cv2.IMREAD_COLOR)
         t1 = time.perf_counter()
-        logits = session.logits(image[None])[0]
+        logits = session.run(image[None])["logits"][0]
         t2 = time.perf_counter()
         probs = softmax(caffe_interp(logits, *image.shape[:2]))
         t3 = time.perf_counter()
@@ -357,10 +363,10 @@ def network_alone(paths: list[Path], model: Path, threads: int) -> Run:
     session = open_session(model, "cpu", threads)
     images = [cv2.imread(str(p), cv2.IMREAD_COLOR) for p in paths]
     for shape in {im.shape for im in images}:  # warm-up per input shape
-        session.logits(next(im for im in images if im.shape == shape)[None])
+        session.run(next(im for im in images if im.shape == shape)[None])
     start = time.perf_counter()
     for image in images:
-        session.logits(image[None])
+        session.run(image[None])
     seconds = time.perf_counter() - start
     flops = sum(network_flops(*im.shape[:2]) for im in images)
     return Run(f"network alone (ORT CPU, {threads} threads)", len(images), seconds, gflops=flops / seconds / 1e9,
@@ -376,17 +382,60 @@ def gpu_network(paths: list[Path], model: Path, label: str, batch: int, min_imag
         same = [im for im in images if im.shape == shape]
         batches += [np.stack(same[i:i + batch]) for i in range(0, len(same), batch)]
     for b in batches[:3]:
-        session.logits(b)  # warm-up: cuDNN algorithm choice per shape, arena growth
+        session.run(b)  # warm-up: cuDNN algorithm choice per shape, arena growth
     passes = max(1, math.ceil(min_images / len(images)))
     start = time.perf_counter()
     for _ in range(passes):
         for b in batches:
-            session.logits(b)
+            session.run(b)
     seconds = time.perf_counter() - start
     count = passes * len(images)
     flops = passes * sum(network_flops(*im.shape[:2]) for im in images)
     return Run(f"GPU network alone, {label}, batch {batch}", count, seconds, gflops=flops / seconds / 1e9,
                note=f"{passes} passes over the images")
+
+
+def crf_task(item: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+    """A CRF worker's share of an image: (H, W, 3) uint8 RGB and (C, H, W) float32 probabilities in,
+    (H, W) uint8 labels out."""
+    image, probs = item
+    return labels_from_scores(dense_crf(image, probs, CRFParams()))
+
+
+def crf_alone(paths: list[Path], model: Path, cores: int, count: int) -> Run:
+    """Images/s of the CRF alone in `cores` spawned worker processes over `count` images (`paths` cycled),
+    the probabilities shipped to them as `segment` ships them: once the network costs nothing (a GPU),
+    no pipeline can beat this. The workers are started and warmed before the clock starts."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    session = open_session(model, "cpu")
+    items = []
+    for path in paths:
+        image = cv2.imread(str(path), cv2.IMREAD_COLOR)
+        probs = softmax(caffe_interp(session.run(image[None])["logits"][0], *image.shape[:2]))
+        items.append((np.ascontiguousarray(image[..., ::-1]), probs))
+    with ProcessPoolExecutor(cores, mp_context=multiprocessing.get_context("spawn")) as pool:
+        tiny = (items[0][0][:16, :16].copy(), items[0][1][:, :16, :16].copy())
+        list(pool.map(crf_task, [tiny] * cores))  # every worker spawned, pydensecrf imported
+        start = time.perf_counter()
+        for _ in pool.map(crf_task, (items[i % len(items)] for i in range(count))):
+            pass
+        seconds = time.perf_counter() - start
+    return Run(f"CRF alone, {cores} worker processes", count, seconds, note="the ceiling once the network is free")
+
+
+def copies(paths: list[Path], folder: Path, count: int) -> list[Path]:
+    """At least `count` images in `folder`: `paths` under their own names, then hard links to them."""
+    folder.mkdir()
+    linked = []
+    for i in range(max(count, len(paths))):
+        source = paths[i % len(paths)]
+        rank = i // len(paths)
+        target = folder / (source.name if rank == 0 else f"{source.stem}_copy{rank}{source.suffix}")
+        os.link(source, target)
+        linked.append(target)
+    return linked
 
 
 # ---------------------------------------------------------------- report
@@ -462,37 +511,57 @@ def reference_rates(threads: int) -> tuple[Run, Run]:
                 note="info: the GEMM library ORT's Conv uses"))
 
 
-def one_round(k: int, rounds: int, paths: list[Path], folder: Path, models: dict[str, Path], weights, work: Path,
-              threads: int, gpu_batch: int, with_torch: bool) -> tuple[dict[str, Run], dict[str, dict]]:
-    """Every row measured once over all images: ({row: Run}, {pipeline: labels by image}).
-    `models` holds "cpu" (the exported graph) and, where CUDA is offered, "fp16" and "cuda"."""
+@dataclass
+class Plan:
+    """What each round measures, and over what."""
+
+    paths: list[Path]  # the N images, alone in their folder
+    weights: dict
+    models: dict[str, Path]  # "cpu": the exported graph; with CUDA also "fp16" and "cuda" (probs inside)
+    work: Path
+    threads: int
+    gpu_batch: int
+    cpu_rows: bool  # False with --gpu-only: the serial baseline stays, as the labels' reference
+    with_torch: bool
+    gpu_paths: list[Path]  # with CUDA: the N and copies of them, enough to keep every CRF worker busy
+
+
+def one_round(k: int, rounds: int, plan: Plan) -> tuple[dict[str, Run], dict[str, dict]]:
+    """Every row measured once over all images: ({row: Run}, {pipeline: labels by image})."""
     runs, labels, tag = {}, {}, f"round {k + 1}/{rounds}"
-    runs["blas"], runs["mlas"] = measured(reference_rates, threads)
-    # Subprocesses first, before this process has onnxruntime or torch threads that might still spin.
-    progress(f"{tag}: deeplab segment, CRF on, 1 then {len(paths)} images")
-    runs["segment"], runs["segment raw"] = measured(measure_segment, f"seg-crf-{k}", folder, paths,
-                                                    models["cpu"], work, [])
-    labels["segment"] = read_masks(work / f"seg-crf-{k}", [p.stem for p in paths])
-    progress(f"{tag}: deeplab segment --no-crf, 1 then {len(paths)} images")
-    runs["no-crf"], runs["no-crf raw"] = measured(measure_segment, f"seg-nocrf-{k}", folder, paths,
-                                                  models["cpu"], work, ["--no-crf"])
-    labels["no-crf"] = read_masks(work / f"seg-nocrf-{k}", [p.stem for p in paths], "/no-crf")
+    stems, cpu = [p.stem for p in plan.paths], plan.models["cpu"]
+
+    def segment_rows(key: str, name: str, paths: list[Path], model: Path, extra: list[str], suffix: str = ""):
+        progress(f"{tag}: {' '.join(['deeplab segment', *extra])}, 1 then {len(paths)} images")
+        runs[key], runs[f"{key} raw"] = measured(measure_segment, f"{name}-{k}", paths, model, plan.work, extra)
+        labels[key] = read_masks(plan.work / f"{name}-{k}", stems, suffix)
+
+    if plan.cpu_rows:
+        runs["blas"], runs["mlas"] = measured(reference_rates, plan.threads)
+        # Subprocesses first, before this process has onnxruntime or torch threads that might still spin.
+        segment_rows("segment", "seg-crf", plan.paths, cpu, [])
+        segment_rows("no-crf", "seg-nocrf", plan.paths, cpu, ["--no-crf"], "/no-crf")
     progress(f"{tag}: serial baseline")
-    runs["serial"], labels["serial"] = measured(serial_baseline, paths, models["cpu"], work / f"serial-{k}", threads)
-    progress(f"{tag}: network alone")
-    runs["network"] = measured(network_alone, paths, models["cpu"], threads)
-    # The reference rates again, next to the network row they are compared with; the faster pair is kept.
-    for key, run in zip(("blas", "mlas"), measured(reference_rates, threads)):
-        runs[key] = max(runs[key], run, key=lambda r: r.gflops)
-    if with_torch:
+    runs["serial"], labels["serial"] = measured(serial_baseline, plan.paths, cpu, plan.work / f"serial-{k}",
+                                                plan.threads)
+    if plan.cpu_rows:
+        progress(f"{tag}: network alone")
+        runs["network"] = measured(network_alone, plan.paths, cpu, plan.threads)
+        # The reference rates again, next to the network row they are compared with; the faster pair is kept.
+        for key, run in zip(("blas", "mlas"), measured(reference_rates, plan.threads)):
+            runs[key] = max(runs[key], run, key=lambda r: r.gflops)
+    if plan.with_torch:
         progress(f"{tag}: PyTorch eager pipeline")
-        runs["torch"], labels["torch"] = measured(pytorch_pipeline, paths, weights, work / f"torch-{k}", threads)
-    if "cuda" in models:
-        progress(f"{tag}: GPU network alone in float32 and float16, segment --device cuda")
-        runs["gpu fp32"] = measured(gpu_network, paths, models["cpu"], "float32", gpu_batch)
-        runs["gpu fp16"] = measured(gpu_network, paths, models["fp16"], "float16", gpu_batch)
-        runs["gpu segment"], _ = measured(measure_segment, f"seg-cuda-{k}", folder, paths, models["cuda"], work,
-                                          ["--device", "cuda"])
+        runs["torch"], labels["torch"] = measured(pytorch_pipeline, plan.paths, plan.weights,
+                                                  plan.work / f"torch-{k}", plan.threads)
+    if "cuda" in plan.models:
+        progress(f"{tag}: GPU network alone in float32 and float16, CRF alone on {plan.threads} cores")
+        runs["gpu fp32"] = measured(gpu_network, plan.paths, cpu, "float32", plan.gpu_batch)
+        runs["gpu fp16"] = measured(gpu_network, plan.paths, plan.models["fp16"], "float16", plan.gpu_batch)
+        runs["crf cores"] = measured(crf_alone, plan.paths, cpu, plan.threads, len(plan.gpu_paths))
+        segment_rows("gpu segment", "seg-cuda", plan.gpu_paths, plan.models["cuda"], ["--device", "cuda"])
+        segment_rows("gpu no-crf", "seg-cuda-nocrf", plan.gpu_paths, plan.models["cuda"],
+                     ["--device", "cuda", "--no-crf"], "/no-crf")
     return runs, labels
 
 
@@ -503,35 +572,42 @@ class Measurements:
     notes: list[str]
 
 
-def measure(paths: list[Path], folder: Path, weights, work: Path, threads: int, gpu_batch: int,
-            rounds: int) -> Measurements:
+LABEL_CHECKS = {  # pipeline -> the check comparing its labels with the serial baseline's
+    "segment": "labels: segment == serial, CRF on",
+    "no-crf": "labels: segment --no-crf == serial argmax",
+    "gpu segment": "labels: segment --device cuda == serial (CPU), CRF on",
+    "gpu no-crf": "labels: segment --device cuda --no-crf == serial (CPU) argmax",
+}
+
+
+def measure(paths: list[Path], weights, work: Path, threads: int, gpu_batch: int, rounds: int,
+            cpu_rows: bool = True) -> Measurements:
     import onnxruntime as ort
 
     notes = []
     models = {"cpu": export_model(weights, work / "largefov.onnx")}
-    with_torch = importlib.util.find_spec("torch") is not None
-    if not with_torch:
+    with_torch = cpu_rows and importlib.util.find_spec("torch") is not None
+    if cpu_rows and not with_torch:
         notes.append("PyTorch row skipped: torch is not installed (pip install torch to add it)")
+    gpu_paths = []
     if CUDA in ort.get_available_providers():
         models["fp16"] = export_model(weights, work / "largefov-fp16.onnx", float16=True)
         # A registry model on CUDA gets the graph with upsampling and softmax inside; a file gets what it is.
         models["cuda"] = export_model(weights, work / "largefov-gpu.onnx", with_probs=True)
+        gpu_paths = copies(paths, work / "gpu-images", 4 * threads)
     else:
         notes.append("GPU rows skipped: onnxruntime has no CUDAExecutionProvider here "
                      f"(providers: {', '.join(ort.get_available_providers())})")
+    plan = Plan(paths, weights, models, work, threads, gpu_batch, cpu_rows, with_torch, gpu_paths)
 
     progress("deeplab segment warm-up (page cache, imports)")
     run_segment(paths[:1], 1, work / "warm", models["cpu"], [])
-    results = [one_round(k, rounds, paths, folder, models, weights, work, threads, gpu_batch, with_torch)
-               for k in range(rounds)]
+    results = [one_round(k, rounds, plan) for k in range(rounds)]
     # The fastest round of each row: contention only ever slows a run down.
     runs = {key: max((r[key] for r, _ in results), key=lambda run: run.rate if run.images else run.gflops)
             for key in results[0][0]}
     labels = results[-1][1]
-    checks = {
-        "labels: segment == serial, CRF on": agreement(labels["segment"], labels["serial"]),
-        "labels: segment --no-crf == serial argmax": agreement(labels["no-crf"], labels["serial"]),
-    }
+    checks = {name: agreement(labels[key], labels["serial"]) for key, name in LABEL_CHECKS.items() if key in labels}
     if "torch" in labels:
         notes.append(f"labels: PyTorch == serial on {100 * agreement(labels['torch'], labels['serial']):.3f}% of "
                      "pixels (other convolution kernels, so not bit-identical)")
@@ -539,31 +615,45 @@ def measure(paths: list[Path], folder: Path, weights, work: Path, threads: int, 
 
 
 def tables(m: Measurements) -> tuple[list[str], list[list[str]], list[str], list[list[str]], list[str]]:
-    """(header, rows, check header, checks, notes) of the report."""
+    """(header, rows, check header, checks, notes) of the report. A check whose rows were not measured
+    (no GPU, or --gpu-only) reads SKIP."""
     order = ("segment", "segment raw", "no-crf", "no-crf raw", "serial", "torch", "network",
-             "gpu fp32", "gpu fp16", "gpu segment", "blas", "mlas")
+             "gpu fp32", "gpu fp16", "crf cores", "gpu segment", "gpu segment raw", "gpu no-crf", "gpu no-crf raw",
+             "blas", "mlas")
     runs = {key: m.runs[key] for key in order if key in m.runs}
     rows = [[r.name, f"{r.rate:.3f}" if r.images else "", f"{1 / r.rate:.3f}" if r.images else "",
              "" if r.gflops is None else f"{r.gflops:.1f}", f"{100 * r.others:.0f}%", r.note]
             for r in runs.values()]
-    segment, serial, torch_run = runs["segment"], runs["serial"], runs.get("torch")
-    stages = serial.stages
+
+    def ratio(a: str, b: str, gflops: bool = False) -> float | None:
+        if a not in runs or b not in runs:
+            return None
+        return runs[a].gflops / runs[b].gflops if gflops else runs[a].rate / runs[b].rate
+
+    stages = runs["serial"].stages
     outside = sum(v for k, v in stages.items() if k not in ("network", "crf")) / sum(stages.values())
     checks = [
-        check_row("segment / serial baseline (steady state)", segment.rate / serial.rate, TARGETS["serial"], True),
-        check_row("segment / PyTorch eager (steady state)", segment.rate / torch_run.rate if torch_run else None,
-                  TARGETS["pytorch"], True),
-        check_row("network GFLOP/s / numpy matmul GFLOP/s", runs["network"].gflops / runs["blas"].gflops,
+        check_row("segment / serial baseline (steady state)", ratio("segment", "serial"), TARGETS["serial"], True),
+        check_row("segment / PyTorch eager (steady state)", ratio("segment", "torch"), TARGETS["pytorch"], True),
+        check_row("network GFLOP/s / numpy matmul GFLOP/s", ratio("network", "blas", gflops=True),
                   TARGETS["matmul"], True),
         check_row("time outside network + CRF (serial baseline)", outside, TARGETS["outside"], False, percent=True),
-        *(check_row(name, value, TARGETS["labels"], True, percent=True) for name, value in m.labels.items()),
+        check_row("GPU network float16, images/s", runs["gpu fp16"].rate if "gpu fp16" in runs else None,
+                  TARGETS["gpu fp16"], True),
+        check_row("segment --device cuda / CRF alone on every core (steady state)", ratio("gpu segment", "crf cores"),
+                  TARGETS["crf bound"], True),
+        *(check_row(name, m.labels.get(name), TARGETS["labels"], True, percent=True)
+          for key, name in LABEL_CHECKS.items()),
     ]
-    notes = [
-        f"segment / serial, raw (start-up included): {runs['segment raw'].rate / serial.rate:.2f}",
-        stage_line(serial),
-        *([stage_line(torch_run)] if torch_run else []),
-        "deeplab segment --json timings, summed: "
-        + ", ".join(f"{k} {v / runs['segment raw'].images:.3f} s/img" for k, v in segment.stages.items()),
+    notes = [stage_line(runs["serial"]), *([stage_line(runs["torch"])] if "torch" in runs else [])]
+    if "segment" in runs:
+        notes.insert(0, f"segment / serial, raw (start-up included): {ratio('segment raw', 'serial'):.2f}")
+    for key in ("segment", "gpu segment"):
+        if key in runs:
+            images = runs[f"{key} raw"].images
+            notes.append(f"{runs[key].name} --json timings, summed: "
+                         + ", ".join(f"{k} {v / images:.3f} s/img" for k, v in runs[key].stages.items()))
+    notes += [
         *m.notes,
         "others: share of the machine's core time used by other processes during that row; the reference "
         "rates are the best of many short products, so contention shows less in them",
@@ -576,33 +666,56 @@ def tables(m: Measurements) -> tuple[list[str], list[list[str]], list[str], list
     return header, rows, ["check", "value", "target", "result"], checks, notes
 
 
+def size_argument(text: str) -> tuple[int, int]:
+    """'WxH' -> (H, W)."""
+    try:
+        width, height = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not WIDTHxHEIGHT, e.g. 500x375") from None
+    if min(width, height) < 48:
+        raise argparse.ArgumentTypeError(f"{text}: images need at least 48 pixels a side")
+    return height, width
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--images", type=int, default=8, help="number of images (>= 2) [8]")
+    parser.add_argument("--size", type=size_argument, default=VOC_SIZE, metavar="WxH",
+                        help="landscape image size; every sixth image is its portrait [500x375]")
     parser.add_argument("--rounds", type=int, default=3,
                         help="measure every row this many times and keep the fastest: contention only slows [3]")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--gpu-batch", type=int, default=8, help="batch of equal-size images on the GPU [8]")
+    parser.add_argument("--gpu-only", action="store_true",
+                        help="only the GPU rows, and the serial baseline their labels are checked against")
     parser.add_argument("--markdown", type=Path, help="also write the report as markdown to this file")
     args = parser.parse_args()
     if args.images < 2:
         parser.error("--images must be at least 2 (steady state needs t_N - t_1)")
     if args.rounds < 1:
         parser.error("--rounds must be at least 1")
+    if args.gpu_only:
+        import onnxruntime as ort
+
+        if CUDA not in ort.get_available_providers():
+            parser.error(f"--gpu-only: onnxruntime has no CUDAExecutionProvider here "
+                         f"(providers: {', '.join(ort.get_available_providers())})")
     rounds = "once" if args.rounds == 1 else f"the fastest of {args.rounds} rounds"
-    threads = os.cpu_count() or 1
+    threads = usable_cores()  # what `deeplab segment` budgets for too
     command = "python benchmarks/run.py " + " ".join(sys.argv[1:])
     machine = machine_lines(threads)
     print("\n".join(machine), flush=True)
 
     with tempfile.TemporaryDirectory(prefix="deeplab-bench-") as tmp:
         work = Path(tmp)
-        paths = make_images(work / "images", args.images, args.seed)
+        paths = make_images(work / "images", args.images, args.seed, args.size)
         portrait = args.images // 6
+        height, width = args.size
         images = (f"{args.images} JPEGs (quality 90, {sum(p.stat().st_size for p in paths) / len(paths) / 1024:.0f} "
-                  f"KiB on average): {args.images - portrait} at 500x375, {portrait} at 375x500")
+                  f"KiB on average): {args.images - portrait} at {width}x{height}, {portrait} at {height}x{width}")
         print(images, flush=True)
-        m = measure(paths, work / "images", random_weights(args.seed), work, threads, args.gpu_batch, args.rounds)
+        m = measure(paths, random_weights(args.seed), work, threads, args.gpu_batch, args.rounds,
+                    cpu_rows=not args.gpu_only)
 
     header, rows, check_header, checks, notes = tables(m)
     print(f"\n{text_table(header, rows)}\n\n{text_table(check_header, checks)}\n")

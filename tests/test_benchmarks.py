@@ -1,0 +1,86 @@
+"""benchmarks/run.py: the script the throughput targets are measured with keeps running, and its
+report says what it measured. Small images keep it to seconds; the GPU rows run where CUDA is."""
+
+import argparse
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+import pytest
+
+from conftest import CUDA_OFFERED, needs_cuda
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCHMARKS))  # spawned CRF workers inherit sys.path, so they find `run` too
+import run as bench  # noqa: E402
+
+SMALL = ["--images", "3", "--rounds", "1", "--size", "80x64"]
+
+
+def run_script(*args, cwd):
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1] / "src"))
+    return subprocess.run([sys.executable, str(BENCHMARKS / "run.py"), *args], capture_output=True, text=True,
+                          env=env, cwd=cwd, timeout=600)
+
+
+@pytest.mark.slow
+def test_the_report_holds_every_row_and_check(tmp_path):
+    done = run_script(*SMALL, "--markdown", "report.md", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = (tmp_path / "report.md").read_text()
+    for row in ("| deeplab segment |", "| deeplab segment --no-crf |", "| serial baseline (ORT + pydensecrf) |",
+                "| network alone (ORT CPU,", "| numpy float32 matmul", "eager + pydensecrf |"):
+        assert row in report, row
+    # The labels of every pipeline are checked against the serial path's, and agree.
+    assert "| labels: segment == serial, CRF on | 100.00% | >= 99.9% | PASS |" in report
+    assert "| labels: segment --no-crf == serial argmax | 100.00% | >= 99.9% | PASS |" in report
+    assert "PYTHONPATH=src python benchmarks/run.py --images 3 --rounds 1 --size 80x64" in report
+    assert "3 JPEGs" in report and "3 at 80x64, 0 at 64x80" in report
+    gpu_checks = ("GPU network float16, images/s", "segment --device cuda / CRF alone on every core")
+    for check in gpu_checks:
+        line = next(line for line in report.splitlines() if line.startswith(f"| {check}"))
+        assert line.endswith("| SKIP |") != CUDA_OFFERED, line
+
+
+@pytest.mark.skipif(CUDA_OFFERED, reason="CUDA is here")
+def test_gpu_only_without_cuda_is_a_usage_error(tmp_path):
+    done = run_script("--gpu-only", cwd=tmp_path)
+    assert done.returncode == 2
+    assert "--gpu-only: onnxruntime has no CUDAExecutionProvider here" in done.stderr.splitlines()[-1]
+
+
+@needs_cuda
+@pytest.mark.slow
+def test_gpu_only_report_on_cuda(tmp_path):
+    done = run_script(*SMALL, "--gpu-only", "--markdown", "report.md", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = (tmp_path / "report.md").read_text()
+    assert "| labels: segment --device cuda == serial (CPU), CRF on | 100.00% |" in report
+    assert "| segment / serial baseline (steady state) | - |  | SKIP |" in report  # a CPU row, left out
+
+
+def test_crf_alone_runs_every_image_in_workers(onnx_model, tmp_path):
+    paths = bench.make_images(tmp_path / "images", 2, seed=0, size=(48, 64))
+    run = bench.crf_alone(paths, onnx_model, cores=2, count=5)
+    assert run.images == 5 and run.seconds > 0
+
+
+def test_copies_keep_the_originals_names_and_link_the_rest(tmp_path):
+    paths = bench.make_images(tmp_path / "images", 3, seed=0, size=(48, 64))
+    linked = bench.copies(paths, tmp_path / "more", 7)
+    assert [p.name for p in linked] == ["img_000.jpg", "img_001.jpg", "img_002.jpg", "img_000_copy1.jpg",
+                                        "img_001_copy1.jpg", "img_002_copy1.jpg", "img_000_copy2.jpg"]
+    assert all(p.read_bytes() == paths[i % 3].read_bytes() for i, p in enumerate(linked))
+    assert len(bench.copies(paths, tmp_path / "fewer", 2)) == 3  # never fewer than the originals
+
+
+def test_sizes_are_width_by_height(tmp_path):
+    assert bench.size_argument("500x375") == (375, 500)
+    paths = bench.make_images(tmp_path / "images", 6, seed=0, size=(48, 64))
+    shapes = [cv2.imread(str(p)).shape[:2] for p in paths]
+    assert shapes == [(48, 64)] * 5 + [(64, 48)]
+    for bad in ("500", "axb", "40x300"):
+        with pytest.raises(argparse.ArgumentTypeError, match="WIDTHxHEIGHT|at least 48"):
+            bench.size_argument(bad)
