@@ -76,11 +76,19 @@ class FakeInferenceSession:
 
 @pytest.fixture
 def fake_ort(monkeypatch):
-    """onnxruntime that reports CUDA available but whose sessions fall back to the CPU."""
+    """onnxruntime that reports CUDA available but whose sessions fall back to the CPU. Its preload_dlls
+    prints, as onnxruntime's does, that it could not load cuDNN, and is recorded in `calls` too."""
     FakeInferenceSession.calls = []
     FakeInferenceSession.active = [CPU]
+
+    def preload_dlls():
+        FakeInferenceSession.calls.append("preload")
+        print("Failed to load libcudnn.so.9: libcudnn.so.9: cannot open shared object file")
+        print("Please follow https://onnxruntime.ai/docs/install/#cuda-and-cudnn to install CUDA.")
+
     monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: [CUDA, CPU])
     monkeypatch.setattr(onnxruntime, "InferenceSession", FakeInferenceSession)
+    monkeypatch.setattr(onnxruntime, "preload_dlls", preload_dlls, raising=False)
     return FakeInferenceSession
 
 
@@ -132,17 +140,21 @@ def test_cuda_without_the_gpu_build_says_how_to_fix(tiny_model):
     assert "pip install 'deeplab-cli[gpu]'" in message
 
 
-def test_cuda_never_falls_back_to_cpu(fake_ort):
+def test_cuda_never_falls_back_to_cpu(fake_ort, capsys):
     with pytest.raises(RuntimeSetupError, match="CUDA provider did not start") as info:
         open_session("model.onnx", "cuda")
     assert "\n" not in str(info.value)
-    assert fake_ort.calls[0]["providers"][0][0] == CUDA
+    assert "Failed to load libcudnn.so.9" in str(info.value)  # what the preload could not find
+    assert fake_ort.calls[0] == "preload"  # the pip-installed CUDA libraries, before the session
+    assert fake_ort.calls[1]["providers"][0][0] == CUDA
+    assert capsys.readouterr().out == ""  # stdout carries results: onnxruntime's report must not reach it
 
 
-def test_auto_reports_the_cpu_fallback(fake_ort):
+def test_auto_reports_the_cpu_fallback(fake_ort, capsys):
     session = open_session("model.onnx", "auto")
     assert session.provider == CPU
-    assert fake_ort.calls[0]["providers"][0][0] == CUDA  # CUDA was asked for, and did not start
+    assert fake_ort.calls[1]["providers"][0][0] == CUDA  # CUDA was asked for, and did not start
+    assert capsys.readouterr().out == ""
 
 
 def test_auto_reports_cuda_when_it_starts(fake_ort):
@@ -152,16 +164,24 @@ def test_auto_reports_cuda_when_it_starts(fake_ort):
 
 def test_cpu_does_not_ask_for_cuda(fake_ort):
     open_session("model.onnx", "cpu")
+    assert "preload" not in fake_ort.calls  # no CUDA libraries loaded either
     assert fake_ort.calls[0]["providers"] == [CPU]
 
 
 def test_cuda_provider_options(fake_ort):
     fake_ort.active = [CUDA, CPU]
     assert open_session("model.onnx", "cuda:1").provider == CUDA
-    (name, options), fallback = fake_ort.calls[0]["providers"]
+    (name, options), fallback = fake_ort.calls[1]["providers"]
     assert (name, fallback) == (CUDA, CPU)
     assert options["cudnn_conv_algo_search"] == "HEURISTIC"
     assert options["device_id"] == 1
+    assert options["use_tf32"] == "0"  # float32 convolutions in float32, not TF32's 10-bit mantissa
+
+
+def test_cuda_without_preload_in_old_onnxruntime(fake_ort, monkeypatch):
+    monkeypatch.delattr(onnxruntime, "preload_dlls")
+    with pytest.raises(RuntimeSetupError, match=r"did not start \(active: CPUExecutionProvider\); check"):
+        open_session("model.onnx", "cuda")
 
 
 @pytest.mark.parametrize("threads, expected", [(3, 3), (None, 0)])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import re
@@ -70,6 +72,20 @@ def installed_onnxruntime() -> list[str]:
     return found
 
 
+def preload_cuda_libraries(ort) -> str:
+    """Load the CUDA and cuDNN libraries of pip's nvidia-* packages (`onnxruntime-gpu[cuda,cudnn]`) before a
+    CUDA session starts: the CUDA provider has no RPATH to them and would not find them on its own. Libraries
+    installed system-wide are found either way. Returns what onnxruntime reported missing ("" when nothing
+    was), since it prints that on stdout, which carries results here. onnxruntime < 1.21 has no preload."""
+    preload = getattr(ort, "preload_dlls", None)
+    if preload is None:
+        return ""
+    report = io.StringIO()
+    with contextlib.redirect_stdout(report):
+        preload()
+    return "; ".join(line.strip() for line in report.getvalue().splitlines() if line.startswith("Failed"))
+
+
 def open_session(model_path: str | os.PathLike, device: str = "auto", threads: int | None = None,
                  spin: bool = True) -> Session:
     """Load `model_path` on `device`. `cuda` never falls back to the CPU: it fails with the reason.
@@ -100,10 +116,13 @@ def open_session(model_path: str | os.PathLike, device: str = "auto", threads: i
         )
     want_cuda = kind == "cuda" or (kind == "auto" and CUDA in available)
     providers: list = [CPU]
+    preload_report = ""
     if want_cuda:
+        preload_report = preload_cuda_libraries(ort)
         # Image sizes vary from call to call: an exhaustive cuDNN search would rerun for every new size.
+        # No TF32: float32 means float32, as in Caffe; the fast GPU path is the float16 graph, by choice.
         providers = [(CUDA, {"device_id": device_id, "cudnn_conv_algo_search": "HEURISTIC",
-                             "arena_extend_strategy": "kSameAsRequested"}), CPU]
+                             "arena_extend_strategy": "kSameAsRequested", "use_tf32": "0"}), CPU]
 
     options = ort.SessionOptions()
     options.log_severity_level = 3  # pad_to is an overridable initializer; ORT warns about it on every load
@@ -121,9 +140,10 @@ def open_session(model_path: str | os.PathLike, device: str = "auto", threads: i
     active = session.get_providers()[0]
     if kind == "cuda" and active != CUDA:
         # onnxruntime quietly drops CUDA when its libraries (CUDA, cuDNN) cannot be loaded.
+        missing = f" ({preload_report})" if preload_report else ""
         raise RuntimeSetupError(
-            f"--device {device}: the CUDA provider did not start (active: {', '.join(session.get_providers())}); "
-            "check that the CUDA and cuDNN libraries onnxruntime-gpu needs are installed "
+            f"--device {device}: the CUDA provider did not start (active: {', '.join(session.get_providers())})"
+            f"{missing}; check that the CUDA and cuDNN libraries onnxruntime-gpu needs are installed "
             "(pip install 'onnxruntime-gpu[cuda,cudnn]') and that a GPU is visible (nvidia-smi)"
         )
     meta = session.get_modelmeta().custom_metadata_map
