@@ -1,12 +1,18 @@
 from pathlib import Path
 
 import numpy as np
+import onnxruntime
 import pytest
 from click.testing import CliRunner
 
 from reference import random_weights, training_net
 
 LENET = Path(__file__).resolve().parents[2] / "shared/data/caffe/lenet_iter_10000.caffemodel"
+
+
+# The CUDA path's own tests run where onnxruntime-gpu and a GPU are (benchmarks/gpu/README.md).
+CUDA_OFFERED = "CUDAExecutionProvider" in onnxruntime.get_available_providers()
+needs_cuda = pytest.mark.skipif(not CUDA_OFFERED, reason="onnxruntime offers no CUDA provider here")
 
 
 @pytest.fixture(scope="session")

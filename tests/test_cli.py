@@ -12,7 +12,7 @@ import numpy as np
 from click.testing import CliRunner
 from PIL import Image
 
-from conftest import BAD_IMAGES, GOOD_IMAGES, natural_image
+from conftest import BAD_IMAGES, GOOD_IMAGES, natural_image, needs_cuda
 from deeplab_cli.cli import cli
 from deeplab_cli.images import load_image
 from reference import deeplab_labels
@@ -97,6 +97,22 @@ def test_json_lines(photo_folder, onnx_model, tmp_path):
     assert by_name["gray.png"]["provider"] == "CPUExecutionProvider"
     assert by_name["notes.png"]["status"] == "error" and "notes.png" in by_name["notes.png"]["error"]
     assert result.exit_code == 1
+
+
+@needs_cuda
+def test_segment_on_cuda_gives_the_cpu_masks(photo_folder, onnx_model, probs_model, tmp_path):
+    """Both graphs on the GPU: the plain one (CRF workers upsample) and the one that upsamples itself."""
+    cpu = segment(photo_folder, "-r", "--out", tmp_path / "cpu", "-m", onnx_model, "--device", "cpu")
+    for model in (onnx_model, probs_model):
+        out = tmp_path / model.stem
+        gpu = segment(photo_folder, "-r", "--out", out, "-m", model, "--device", "cuda", "--json", "-q")
+        assert gpu.exit_code == cpu.exit_code == 1
+        records = [json.loads(line) for line in gpu.stdout.splitlines()]
+        assert sorted(r["status"] for r in records) == ["error"] * len(BAD_IMAGES) + ["ok"] * len(GOOD_IMAGES)
+        assert {r["provider"] for r in records} == {"CUDAExecutionProvider"}
+        for name in GOOD_IMAGES:
+            a, b = (np.array(Image.open(mask_path(d, name))) for d in (tmp_path / "cpu", out))
+            assert (a == b).mean() >= 0.999, (model.name, name)
 
 
 def test_resume_and_overwrite(photo_folder, onnx_model, tmp_path):

@@ -5,9 +5,10 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from conftest import natural_image
+from conftest import natural_image, needs_cuda
 from deeplab_cli.errors import WeightsError
 from deeplab_cli.model import build_onnx, check_weights
+from deeplab_cli.runtime import open_session
 from reference import torch_logits
 
 
@@ -66,19 +67,36 @@ def test_metadata(onnx_model):
     assert meta["source_sha256"] == "0" * 64
 
 
-def test_float16_graph_keeps_io_types(weights, tmp_path):
+@pytest.fixture(scope="module")
+def fp16_model(weights, tmp_path_factory):
     model = build_onnx(check_weights(weights, "w"), classes=[str(i) for i in range(21)], model_name="t",
                        source_sha256="", float16=True)
-    path = tmp_path / "fp16.onnx"
+    path = tmp_path_factory.mktemp("fp16") / "fp16.onnx"
     onnx.save(model, path)
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    assert session.get_inputs()[0].type == "tensor(uint8)"
-    assert session.get_outputs()[0].type == "tensor(float)"
+    return path
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=needs_cuda)])
+def test_float16_graph_keeps_io_types(fp16_model, weights, device):
+    session = open_session(fp16_model, device)
+    inputs, outputs = session.ort_session.get_inputs(), session.ort_session.get_outputs()
+    assert inputs[0].type == "tensor(uint8)" and outputs[0].type == "tensor(float)"
+    model = onnx.load(str(fp16_model))
     assert any(t.data_type == onnx.TensorProto.FLOAT16 for t in model.graph.initializer)
     image = natural_image(41, 53, seed=5)
-    out, ref = run(path, image), torch_logits(weights, image)
+    out, ref = session.run(image[None])["logits"][0], torch_logits(weights, image)
     assert_close_to_scale(out, ref, rel=2e-2)
     assert (out.argmax(0) == ref.argmax(0)).mean() > 0.9
+
+
+@needs_cuda
+@pytest.mark.parametrize("size", [(37, 45), (375, 500)])
+def test_cuda_logits_match_reference(onnx_model, weights, size):
+    image = natural_image(*size, seed=sum(size))
+    session = open_session(onnx_model, "cuda")
+    assert session.provider == "CUDAExecutionProvider"
+    # As tight as on the CPU: the CUDA session computes float32 in float32 (no TF32).
+    assert_close_to_scale(session.run(image[None])["logits"][0], torch_logits(weights, image))
 
 
 def test_check_weights_reports_missing_layers(weights):
@@ -105,17 +123,14 @@ def test_check_weights_accepts_legacy_bias_shape(weights):
     assert checked["fc7"][1].shape == (1024,)
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=needs_cuda)])
 @pytest.mark.parametrize("size,pad_to", [((37, 45), None), ((1, 1), None), ((30, 52), (65, 70))])
-def test_probs_and_labels_in_the_graph(probs_model, size, pad_to):
+def test_probs_and_labels_in_the_graph(probs_model, size, pad_to, device):
     from reference import caffe_interp
 
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    session = ort.InferenceSession(str(probs_model), options, providers=["CPUExecutionProvider"])
-    feeds = {"image": natural_image(*size, seed=9)[None]}
-    if pad_to:
-        feeds["pad_to"] = np.array(pad_to, np.int64)
-    logits, probs, labels = (o[0] for o in session.run(["logits", "probs", "labels"], feeds))
+    session = open_session(probs_model, device)
+    out = session.run(natural_image(*size, seed=9)[None], pad_to, ("logits", "probs", "labels"))
+    logits, probs, labels = (out[name][0] for name in ("logits", "probs", "labels"))
     scores = caffe_interp(logits, *size).astype(np.float64)
     expected = np.exp(scores - scores.max(0)) / np.exp(scores - scores.max(0)).sum(0)
     assert probs.shape == (21, *size) and labels.shape == size and labels.dtype == np.uint8

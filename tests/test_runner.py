@@ -7,7 +7,7 @@ import cv2
 import numpy as np
 import pytest
 
-from conftest import natural_image
+from conftest import natural_image, needs_cuda
 from deeplab_cli import runner
 from deeplab_cli.inputs import Job, collect
 from deeplab_cli.runtime import open_session
@@ -116,6 +116,17 @@ def test_a_graph_that_upsamples_itself_gives_the_same_masks(folder, session, pro
     device = run(folder, probs_session, tmp_path / "device")
     assert {k: r.status for k, r in host.items()} == {k: r.status for k, r in device.items()}
     for key in ("0", "2", "4"):
+        a, b = (cv2.imread(str(tmp_path / d / f"{key}.png"), cv2.IMREAD_UNCHANGED) for d in ("host", "device"))
+        assert (a == b).mean() > 0.999
+
+
+@needs_cuda
+def test_cuda_batches_give_the_cpu_masks(folder, session, probs_model, tmp_path):
+    """The GPU path as `segment --device cuda` runs it: batches of equal sizes, CRF worker processes."""
+    host = run(folder, session, tmp_path / "host")
+    device = run(folder, open_session(probs_model, "cuda"), tmp_path / "device", workers=2, batch_size=3)
+    assert {k: r.status for k, r in host.items()} == {k: r.status for k, r in device.items()}
+    for key in ("0", "1", "2", "3", "4"):
         a, b = (cv2.imread(str(tmp_path / d / f"{key}.png"), cv2.IMREAD_UNCHANGED) for d in ("host", "device"))
         assert (a == b).mean() > 0.999
 
