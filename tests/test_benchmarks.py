@@ -57,7 +57,11 @@ def test_gpu_only_report_on_cuda(tmp_path):
     done = run_script(*SMALL, "--gpu-only", "--markdown", "report.md", cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     report = (tmp_path / "report.md").read_text()
-    assert "| labels: segment --device cuda == serial (CPU), CRF on | 100.00% |" in report
+    # Other convolution kernels than the CPU's: the benchmark's own bound, not bit-identity.
+    assert "| labels: segment --device cuda == serial (CPU), CRF on |" in report
+    for line in report.splitlines():
+        if line.startswith("| labels: segment --device cuda"):
+            assert line.endswith("| >= 99.9% | PASS |"), line
     assert "| segment / serial baseline (steady state) | - |  | SKIP |" in report  # a CPU row, left out
 
 

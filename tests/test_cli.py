@@ -112,7 +112,7 @@ def test_segment_on_cuda_gives_the_cpu_masks(photo_folder, onnx_model, probs_mod
         assert {r["provider"] for r in records} == {"CUDAExecutionProvider"}
         for name in GOOD_IMAGES:
             a, b = (np.array(Image.open(mask_path(d, name))) for d in (tmp_path / "cpu", out))
-            assert (a == b).mean() >= 0.999, (model.name, name)
+            assert (a == b).mean() >= 0.995, (model.name, name)  # other kernels: the bound against the reference
 
 
 def test_resume_and_overwrite(photo_folder, onnx_model, tmp_path):

