@@ -26,7 +26,7 @@ cat "$store"/ort.tar.xz.part* > /tmp/ort.tar.xz
 (cd /tmp && sha256sum -c "$store/ort.tar.xz.sha256")
 site=$(python3 -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
 python3 -m pip uninstall -y -q onnxruntime onnxruntime-gpu 2>/dev/null || true
-tar -xJf /tmp/ort.tar.xz -C "$site"
+python3 -c 'import sys, tarfile; tarfile.open(sys.argv[1]).extractall(sys.argv[2], filter="data")' /tmp/ort.tar.xz "$site"
 python3 -m pip install -q --no-index --no-deps "$store"/platformdirs-*.whl
 # pydensecrf2's setup.py asks for exactly Cython 0.29.36, which no registry can bring here.
 python3 -m pip install -q --no-index --no-deps --target /tmp/cython "$store"/[Cc]ython-*.whl
