@@ -38,7 +38,7 @@ import deeplab_cli
 from deeplab_cli.crf import CRFParams, dense_crf
 from deeplab_cli.model import VOC_MEAN_BGR, Conv, Pool, build_onnx, check_weights, largefov_layers
 from deeplab_cli.outputs import VOC_CLASSES, read_index_png, voc_palette, write_index_png
-from deeplab_cli.runner import usable_cores
+from deeplab_cli.runner import refine, usable_cores
 from deeplab_cli.runtime import CUDA, open_session
 from deeplab_cli.upsample import caffe_interp, labels_from_scores, softmax
 
@@ -396,10 +396,10 @@ def gpu_network(paths: list[Path], model: Path, label: str, batch: int, min_imag
 
 
 def crf_task(item: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
-    """A CRF worker's share of an image: (H, W, 3) uint8 RGB and (C, H, W) float32 probabilities in,
-    (H, W) uint8 labels out."""
+    """A CRF worker's share of an image, by the code `segment`'s workers run: (H, W, 3) uint8 BGR and
+    (C, H, W) float32 probabilities in, (H, W) uint8 labels out."""
     image, probs = item
-    return labels_from_scores(dense_crf(image, probs, CRFParams()))
+    return refine(image, probs, CRFParams(), image.shape[:2])[1]
 
 
 def crf_alone(paths: list[Path], model: Path, cores: int, count: int) -> Run:
@@ -414,7 +414,7 @@ def crf_alone(paths: list[Path], model: Path, cores: int, count: int) -> Run:
     for path in paths:
         image = cv2.imread(str(path), cv2.IMREAD_COLOR)
         probs = softmax(caffe_interp(session.run(image[None])["logits"][0], *image.shape[:2]))
-        items.append((np.ascontiguousarray(image[..., ::-1]), probs))
+        items.append((image, probs))
     with ProcessPoolExecutor(cores, mp_context=multiprocessing.get_context("spawn")) as pool:
         tiny = (items[0][0][:16, :16].copy(), items[0][1][:, :16, :16].copy())
         list(pool.map(crf_task, [tiny] * cores))  # every worker spawned, pydensecrf imported

@@ -5,6 +5,7 @@ import numpy as np
 import onnxruntime
 import pytest
 
+from conftest import CUDA_OFFERED
 from deeplab_cli import runtime
 from deeplab_cli.errors import RuntimeSetupError
 from deeplab_cli.runtime import CPU, CUDA, open_session, parse_device
@@ -129,7 +130,7 @@ def test_logits_shape_values_and_pad_to(tiny_model):
     assert not padded[:, :, 5:].any() and not padded[:, :, :, 6:].any()
 
 
-@pytest.mark.skipif(CUDA in onnxruntime.get_available_providers(), reason="the GPU build is installed")
+@pytest.mark.skipif(CUDA_OFFERED, reason="the GPU build is installed")
 def test_cuda_without_the_gpu_build_says_how_to_fix(tiny_model):
     with pytest.raises(RuntimeSetupError) as info:
         open_session(tiny_model, "cuda")
