@@ -7,7 +7,9 @@ from click.testing import CliRunner
 
 from reference import random_weights, training_net
 
-LENET = Path(__file__).resolve().parents[2] / "shared/data/caffe/lenet_iter_10000.caffemodel"
+# BVLC Caffe's LeNet example as Caffe wrote it (BSD-2-Clause; origin and notice in tests/data/caffe/README.md).
+CAFFE_DATA = Path(__file__).resolve().parent / "data" / "caffe"
+LENET = CAFFE_DATA / "lenet_iter_10000.caffemodel"
 
 
 # The CUDA path's own tests run where onnxruntime-gpu and a GPU are (benchmarks/gpu/README.md).
@@ -72,6 +74,19 @@ def deeplab_home(tmp_path, monkeypatch):
 def files_in(directory):
     """Everything in `directory`, hidden temporaries included; [] when it does not exist."""
     return sorted(p.name for p in directory.iterdir()) if directory.exists() else []
+
+
+def children_of(pid):
+    """The processes whose parent is `pid` (a run's workers)."""
+    found = []
+    for status in Path("/proc").glob("[0-9]*/status"):
+        try:
+            fields = dict(line.split(":\t", 1) for line in status.read_text().splitlines() if ":\t" in line)
+        except OSError:
+            continue
+        if fields.get("PPid", "").strip() == str(pid):
+            found.append(int(status.parent.name))
+    return found
 
 
 def run_cli(*args):

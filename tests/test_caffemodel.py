@@ -3,12 +3,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 from caffe_writer import Conv, Layer, encode_caffemodel, write_caffemodel
+from conftest import CAFFE_DATA, LENET
 
 from deeplab_cli.caffemodel import read_caffemodel
 from deeplab_cli.errors import WeightsError
 
-CAFFE_DATA = Path(__file__).resolve().parents[2] / "shared/data/caffe"
-LENET = CAFFE_DATA / "lenet_iter_10000.caffemodel"
 
 # DeepLab's own V1 enum values have no BVLC number; any value outside BVLC's enum will do here.
 IMAGE_SEG_DATA, INTERP, SEG_ACCURACY = 40, 41, 42
@@ -229,3 +228,11 @@ def test_full_size_largefov_snapshot_over_64_mib(tmp_path):
         b.size for layer in net for b in layer.blobs)
     assert layers["fc6"].blobs[0].shape == (1024, 512, 3, 3)
     np.testing.assert_array_equal(layers["fc7"].blobs[0], net[[n.name for n in net].index("fc7")].blobs[0])
+
+
+def test_caffe_test_data_ships_inside_the_repository():
+    # A user's or packager's clone has nothing beside it: the real Caffe file must travel with the tests.
+    tests_dir = Path(__file__).resolve().parent
+    assert LENET.resolve().is_relative_to(tests_dir) and LENET.is_file()
+    assert (CAFFE_DATA / "lenet.prototxt").is_file()
+    assert "BSD 2-Clause" in (CAFFE_DATA / "README.md").read_text()

@@ -1,6 +1,7 @@
 """`deeplab segment` as a user runs it: a messy folder in, masks out, honest exit codes."""
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -9,10 +10,11 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from conftest import BAD_IMAGES, GOOD_IMAGES, natural_image, needs_cuda
+from conftest import BAD_IMAGES, GOOD_IMAGES, children_of, natural_image, needs_cuda
 from deeplab_cli.cli import cli
 from deeplab_cli.images import load_image
 from reference import deeplab_labels
@@ -137,6 +139,44 @@ def test_paths_on_stdin(photo_folder, onnx_model, tmp_path):
     assert sorted(result.stdout.splitlines()) == [str(tmp_path / "m/cats/a.png"), str(tmp_path / "m/dogs/a.png")]
 
 
+def test_nul_separated_lists_keep_names_with_newlines(photo_folder, onnx_model, tmp_path):
+    odd = tmp_path / "in" / "two\nlines.jpg"
+    odd.parent.mkdir()
+    odd.write_bytes((photo_folder / "cats/a.jpg").read_bytes())
+    listing = f"{odd}\0{photo_folder / 'dogs/a.jpg'}\0".encode()
+    out = tmp_path / "m"
+    result = segment("-0", "-", "--out", out, "-m", onnx_model, "--no-crf", "-f", "logits", input=listing)
+    assert result.exit_code == 0, result.output
+    keys = ["in/two\nlines", "img/dogs/a"]  # relative to the folder holding both
+    assert all((out / f"{key}.logits.npz").is_file() for key in keys)
+    again = CliRunner().invoke(cli, ["crf", "--null", "-", str(out), "--out", str(tmp_path / "c"), "-j", "1",
+                                     "--json"], input=listing)
+    assert again.exit_code == 0, again.output
+    assert sorted(json.loads(line)["input"] for line in again.stdout.splitlines()) == sorted(
+        [str(odd), str(photo_folder / "dogs/a.jpg")])
+    # Without -0 the same bytes are one odd name per line, and none of them exists.
+    plain = segment("-", "--out", tmp_path / "p", "-m", onnx_model, "--no-crf", input=listing)
+    assert plain.exit_code == 1 and "0 done" in plain.stderr
+
+
+def test_a_killed_runs_temporaries_are_swept_but_not_a_live_shards(photo_folder, onnx_model, tmp_path):
+    import fcntl
+
+    out = tmp_path / "m"
+    args = (photo_folder / "cats", photo_folder / "dogs", "--out", out, "-m", onnx_model, "--no-crf", "-j", "0")
+    assert segment(*args).exit_code == 0
+    dead = [out / ".classes.json.0123456789ab.tmp", out / "cats/.a.png.0123456789ab.tmp"]
+    for path in dead:
+        path.write_text("half")
+    live = out / ".classes.json.ba9876543210.tmp"
+    with open(live, "w") as held:  # another shard, writing its classes.json right now
+        fcntl.flock(held, fcntl.LOCK_EX)
+        result = segment(*args)  # everything is done already: the sweep is all this run does
+        assert result.exit_code == 0 and "0 done, 2 skipped" in result.stderr
+        assert not any(path.exists() for path in dead)
+        assert live.exists()
+
+
 def test_shards_cover_the_folder_once(photo_folder, onnx_model, tmp_path):
     out = tmp_path / "m"
     written = []
@@ -161,22 +201,10 @@ def test_missing_model_offline_exits_3(photo_folder, tmp_path):
     assert len(result.stderr.strip().splitlines()) == 1
 
 
-def children_of(pid):
-    found = []
-    for status in Path("/proc").glob("[0-9]*/status"):
-        try:
-            fields = dict(line.split(":\t", 1) for line in status.read_text().splitlines() if ":\t" in line)
-        except OSError:
-            continue
-        if fields.get("PPid", "").strip() == str(pid):
-            found.append(int(status.parent.name))
-    return found
-
-
 def test_sigkill_leaves_only_complete_files_and_resumes(onnx_model, tmp_path):
     src = tmp_path / "img"
     src.mkdir()
-    for i in range(6):
+    for i in range(10):
         cv2.imwrite(str(src / f"{i}.png"), natural_image(160, 200, seed=20 + i))
     out = tmp_path / "m"
     command = [sys.executable, "-m", "deeplab_cli", "segment", str(src), "--out", str(out), "-m", str(onnx_model),
@@ -201,12 +229,12 @@ def test_sigkill_leaves_only_complete_files_and_resumes(onnx_model, tmp_path):
             with np.load(path) as npz:
                 assert npz["probs"].shape == (21, 160, 200)
     done_before = {p.name for p in finished}
-    assert 0 < len([n for n in done_before if n.endswith(".probs.npz")]) < 6
+    assert 0 < len([n for n in done_before if n.endswith(".probs.npz")]) < 10
     rerun = subprocess.run(command, capture_output=True, text=True)
     assert rerun.returncode == 0, rerun.stderr
     assert "skipped" in rerun.stderr
     assert sorted(p.name for p in out.rglob("*") if p.is_file()) == sorted(
-        [f"{i}{s}" for i in range(6) for s in (".png", ".probs.npz")] + ["classes.json"])
+        [f"{i}{s}" for i in range(10) for s in (".png", ".probs.npz")] + ["classes.json"])
 
 
 def test_crf_on_saved_logits_gives_segments_masks(photo_folder, onnx_model, tmp_path):
@@ -273,3 +301,153 @@ def test_segment_shares_the_cores(photo_folder, onnx_model, tmp_path, monkeypatc
     assert opened[-1] == (2, True)  # one process: onnxruntime on both cores
     assert lanes == [(2, 1)]
     assert (tmp_path / "a/a.png").read_bytes() == (tmp_path / "b/a.png").read_bytes()
+
+
+# Faults that batch jobs meet: each gives the exit code and one line a user expects, and never a
+# half-written output.
+
+def eight_photos(root):
+    root.mkdir()
+    for i in range(8):
+        cv2.imwrite(str(root / f"{i}.png"), natural_image(60, 80, seed=70 + i))
+    return root
+
+
+def visible_files(out):
+    files = [p for p in out.rglob("*") if p.is_file()]
+    assert not [p for p in files if p.name.startswith(".")], "temporaries left behind"
+    return files
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real 1 MiB file system, where the tests may mount one (root, as CI runs; skipped elsewhere)."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(disk)], capture_output=True)
+    if mounted.returncode:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
+    yield disk
+    subprocess.run(["umount", "-l", str(disk)], check=True)
+
+
+def test_a_full_disk_stops_the_batch_with_one_line_and_a_rerun_resumes(onnx_model, small_disk, tmp_path):
+    photos = eight_photos(tmp_path / "img")
+    out = small_disk / "m"
+    args = (photos, "--out", out, "-m", onnx_model, "-f", "index", "-f", "probs", "--no-crf", "-j", "0")
+    result = segment(*args)  # each probs file is 200 KB: the disk fills up part-way
+    assert result.exit_code == 1, result.output
+    assert "Traceback" not in result.output
+    errors = [line for line in result.stderr.splitlines() if "No space left on device" in line]
+    assert len(errors) == 1 and errors[0].startswith(f"deeplab: {out}/")  # one image, then the batch stops
+    assert "stopped (the output cannot take more)" in result.stderr
+    files = visible_files(out)
+    for path in files:
+        if path.name.endswith(".npz"):
+            with np.load(path) as npz:
+                assert npz["probs"].shape == (21, 60, 80)
+    assert 0 < len([p for p in files if p.name.endswith(".npz")]) < 8
+    subprocess.run(["mount", "-o", "remount,size=64m", str(small_disk)], check=True)
+    assert segment(*args).exit_code == 0
+    assert len(visible_files(out)) == 17
+
+
+def test_an_output_disk_turned_read_only_part_way_stops_the_batch(onnx_model, small_disk, tmp_path, monkeypatch):
+    from deeplab_cli import runner
+
+    subprocess.run(["mount", "-o", "remount,size=64m", str(small_disk)], check=True)
+    real, written = runner.write_outputs, []
+
+    def write_then_remount(*args, **kwargs):
+        real(*args, **kwargs)
+        written.append(1)
+        if len(written) == 3:  # as when a file system errors out and the kernel remounts it read-only
+            subprocess.run(["mount", "-o", "remount,ro", str(small_disk)], check=True)
+
+    monkeypatch.setattr(runner, "write_outputs", write_then_remount)
+    out = small_disk / "m"
+    result = segment(eight_photos(tmp_path / "img"), "--out", out, "-m", onnx_model, "--no-crf", "-j", "0")
+    assert result.exit_code == 1
+    errors = [line for line in result.stderr.splitlines() if "Read-only file system" in line]
+    assert errors == [f"deeplab: {out}/3.png: cannot write (Read-only file system)"]
+    assert "3 done, 0 skipped (already done), 1 failed" in result.stderr
+    assert "stopped (the output cannot take more); 4 not done" in result.stderr
+
+
+def test_an_injected_enospc_stops_the_batch(onnx_model, tmp_path, monkeypatch):
+    import errno
+
+    from deeplab_cli import outputs
+
+    real = outputs.write_npz
+
+    def full(path, **arrays):
+        if path.name.startswith("2."):
+            def half_then_full(tmp):
+                tmp.write_bytes(b"half")
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            outputs.atomic_write(path, half_then_full)
+        real(path, **arrays)
+
+    monkeypatch.setattr(outputs, "write_npz", full)
+    out = tmp_path / "m"
+    result = segment(eight_photos(tmp_path / "img"), "--out", out, "-m", onnx_model, "--no-crf", "-j", "0",
+                     "-f", "probs")
+    assert result.exit_code == 1
+    assert f"deeplab: {out}/2.probs.npz: cannot write (No space left on device)" in result.stderr.splitlines()
+    assert sorted(p.name for p in visible_files(out)) == ["0.probs.npz", "1.probs.npz", "classes.json"]
+
+
+def test_a_folder_that_refuses_one_output_costs_only_that_image(onnx_model, tmp_path, monkeypatch):
+    from deeplab_cli import outputs
+
+    real = outputs.write_index_png
+
+    def deny(path, *args):
+        if path.name == "5.png":  # chmod cannot deny root, who runs CI: the error is injected
+            raise PermissionError(13, "Permission denied", str(path))
+        real(path, *args)
+
+    monkeypatch.setattr(outputs, "write_index_png", deny)
+    out = tmp_path / "m"
+    result = segment(eight_photos(tmp_path / "img"), "--out", out, "-m", onnx_model, "--no-crf", "-j", "0")
+    assert result.exit_code == 1
+    assert f"deeplab: {out}/5.png: cannot write (Permission denied)" in result.stderr.splitlines()
+    assert "7 done, 0 skipped (already done), 1 failed" in result.stderr  # not the whole device: the batch goes on
+
+
+def test_inputs_that_vanish_or_change_kind_after_listing(onnx_model, tmp_path, monkeypatch):
+    from deeplab_cli import inputs
+
+    photos = eight_photos(tmp_path / "img")
+    real = inputs.collect
+
+    def collect_then_change(*args):
+        jobs = real(*args)
+        (photos / "1.png").unlink()
+        (photos / "2.png").unlink()
+        (photos / "2.png").mkdir()
+        return jobs
+
+    monkeypatch.setattr(inputs, "collect", collect_then_change)
+    result = segment(photos, "--out", tmp_path / "m", "-m", onnx_model, "--no-crf", "-j", "0")
+    assert result.exit_code == 1
+    errors = [line for line in result.stderr.splitlines() if line.startswith(f"deeplab: {photos}")]
+    assert errors == [f"deeplab: {photos}/1.png: file not found",
+                      f"deeplab: {photos}/2.png: is a directory, not an image file"]
+    assert "6 done" in result.stderr
+
+
+def test_a_fifo_and_a_symlink_loop_under_r_are_reported_not_waited_on(onnx_model, tmp_path):
+    photos = eight_photos(tmp_path / "img")
+    os.mkfifo(photos / "pipe.png")
+    (photos / "sub").mkdir()
+    (photos / "sub/up").symlink_to(photos)
+    (photos / "sub/self.jpg").symlink_to(photos / "sub/self.jpg")
+    command = [sys.executable, "-m", "deeplab_cli", "segment", str(photos), "-r", "--out", str(tmp_path / "m"),
+               "-m", str(onnx_model), "--no-crf", "-j", "0"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1
+    assert f"deeplab: {photos}/pipe.png: not a regular file (a FIFO)" in result.stderr.splitlines()
+    assert f"deeplab: {photos}/sub/self.jpg: cannot read (Too many levels of symbolic links)" in result.stderr
+    assert "8 done, 0 skipped (already done), 2 failed" in result.stderr

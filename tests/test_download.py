@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import http.server
+import json
 import os
 import threading
 from pathlib import Path
@@ -82,9 +83,11 @@ def home(deeplab_home) -> Path:
     return deeplab_home
 
 
-def use_model(monkeypatch, urls, sha256=None) -> registry.ModelInfo:
-    """Make the registry's largefov-voc12 (for the CLI too) fetch from `urls` and check `sha256`."""
-    info = dataclasses.replace(registry.get_model("largefov-voc12"), urls=tuple(urls), sha256=sha256)
+def use_model(monkeypatch, urls, sha256=None, archive=None) -> registry.ModelInfo:
+    """Make the registry's largefov-voc12 (for the CLI too) fetch from `urls`, then from `archive` + each
+    URL when given (never from the real Internet Archive), and check `sha256`."""
+    info = dataclasses.replace(registry.get_model("largefov-voc12"), urls=tuple(urls), sha256=sha256,
+                               archive=archive)
     monkeypatch.setattr(registry, "known_models", lambda: {info.name: info})
     return info
 
@@ -106,10 +109,11 @@ def test_fetch_yields_verified_temp_file_and_removes_it(server, tmp_path):
     url = server.serve("/" + FILE, body)
     received = []
     with fetch([url], tmp_path / "d", sha256=sha256(body).upper(),
-               progress=lambda n, total: received.append((n, total))) as (tmp, digest):
+               progress=lambda n, total: received.append((n, total))) as (tmp, digest, source):
         assert tmp.parent == tmp_path / "d"
         assert tmp.read_bytes() == body
         assert digest == sha256(body)
+        assert source == url
     assert files_in(tmp_path / "d") == []
     assert sum(n for n, _ in received) == len(body)
     assert {total for _, total in received} == {len(body)}
@@ -117,8 +121,8 @@ def test_fetch_yields_verified_temp_file_and_removes_it(server, tmp_path):
 
 def test_fetch_keeps_a_file_the_caller_renamed(server, tmp_path):
     body = b"weights" * 1000
-    with fetch([server.serve("/w", body)], tmp_path) as (tmp, _):
-        os.replace(tmp, tmp_path / "kept")
+    with fetch([server.serve("/w", body)], tmp_path) as fetched:
+        os.replace(fetched.path, tmp_path / "kept")
     assert files_in(tmp_path) == ["kept"]
     assert (tmp_path / "kept").read_bytes() == body
 
@@ -127,8 +131,8 @@ def test_fetch_temp_file_mode_follows_the_umask(server, tmp_path):
     # A shared DEEPLAB_HOME needs the cached weights readable by others, not mkstemp's 0o600.
     previous = os.umask(0o022)
     try:
-        with fetch([server.serve("/w", b"x" * 100)], tmp_path) as (tmp, _):
-            mode = tmp.stat().st_mode & 0o777
+        with fetch([server.serve("/w", b"x" * 100)], tmp_path) as fetched:
+            mode = fetched.path.stat().st_mode & 0o777
     finally:
         os.umask(previous)
     assert mode == 0o644
@@ -137,9 +141,29 @@ def test_fetch_temp_file_mode_follows_the_umask(server, tmp_path):
 def test_fetch_falls_back_to_the_next_url(server, tmp_path):
     body = b"weights" * 1000
     urls = [server.url("/missing/" + FILE), server.serve("/mirror/" + FILE, body)]
-    with fetch(urls, tmp_path, sha256=sha256(body)) as (tmp, digest):
-        assert tmp.read_bytes() == body
+    with fetch(urls, tmp_path, sha256=sha256(body)) as fetched:
+        assert fetched.path.read_bytes() == body
+        assert fetched.url == urls[1]
     assert server.requests == ["/missing/" + FILE, "/mirror/" + FILE]
+
+
+def test_fetch_moves_on_when_the_check_refuses_a_file(server, tmp_path):
+    urls = [server.serve("/error-page", b"<html>gone</html>"), server.serve("/real", b"weights" * 1000)]
+    checked = []
+
+    def check(path):
+        checked.append(path.read_bytes())
+        return "not weights" if path.read_bytes().startswith(b"<html>") else None
+
+    with fetch(urls, tmp_path, check=check) as fetched:
+        assert fetched.url == urls[1] and fetched.path.read_bytes() == b"weights" * 1000
+        assert files_in(tmp_path) == [fetched.path.name]  # the refused file is already gone
+    assert checked == [b"<html>gone</html>", b"weights" * 1000]
+
+    with pytest.raises(DownloadError, match=f"{urls[0]}: not weights"):
+        with fetch(urls[:1], tmp_path, check=check):
+            pytest.fail("a refused file must not reach the caller")
+    assert files_in(tmp_path) == []
 
 
 def test_fetch_names_every_failed_url(server, tmp_path):
@@ -188,11 +212,16 @@ def test_pull_caches_the_weights_and_the_graph(server, monkeypatch, home, largef
     assert result.exit_code == 0, result.output
     onnx_file = home / info.name / "model.onnx"
     assert result.stdout.strip() == str(onnx_file)
+    # The SHA-256 goes to stderr, so users can pin it; stdout stays the path for scripts.
+    assert result.stderr.strip() == f"deeplab: {info.name}: sha256 {sha256(largefov_bytes)} from {info.urls[0]}"
     assert files_in(home) == [info.name]
-    assert files_in(home / info.name) == ["model.onnx", FILE]
+    assert files_in(home / info.name) == ["model.onnx", "source.json", FILE]
     assert (home / info.name / FILE).read_bytes() == largefov_bytes
+    record = json.loads((home / info.name / "source.json").read_text())
+    assert record.pop("date").endswith("+00:00")
+    assert record == {"file": FILE, "sha256": sha256(largefov_bytes), "source": info.urls[0]}
     assert run_cli("models", "path", "largefov-voc12").stdout.strip() == str(onnx_file)
-    assert "\tcached\t" in run_cli("models", "list").stdout
+    assert run_cli("models", "list").stdout.startswith(f"{info.name}\tcached\t{sha256(largefov_bytes)}\t")
 
     # Cached: ensure() neither downloads nor converts again.
     requests, mtime = len(server.requests), onnx_file.stat().st_mtime_ns
@@ -201,14 +230,97 @@ def test_pull_caches_the_weights_and_the_graph(server, monkeypatch, home, largef
 
 
 def test_mirror_replaces_the_published_urls(server, monkeypatch, home):
-    # The published URL is on the same server, so a request to it would be recorded.
-    use_model(monkeypatch, [server.serve("/published/" + FILE, LENET.read_bytes())])
+    # The published URL and the archive are on the same server, so a request to them would be recorded.
+    use_model(monkeypatch, [server.serve("/published/" + FILE, LENET.read_bytes())], archive=server.url("/web/"))
     monkeypatch.setenv("DEEPLAB_MIRROR", server.url("/site/"))  # the trailing slash is not doubled
 
     result = run_cli("models", "pull", "largefov-voc12")
 
-    assert_model_error(result, server.url("/site/" + FILE), "HTTP 404")
+    assert_model_error(result, server.url("/site/" + FILE), "HTTP 404", "deeplab models import FILE")
     assert server.requests == ["/site/" + FILE]
+
+
+def test_pull_tries_the_archived_copies_after_the_published_urls(server, monkeypatch, home, largefov_bytes):
+    published = [server.url("/ucla/" + FILE), server.url("/jhu/" + FILE)]
+    archive = server.url("/web/2016id_/")
+    # The archive holds the second mirror's file only; its copy of the first is a 404 like the mirrors.
+    server.serve("/web/2016id_/" + published[1], largefov_bytes)
+    info = use_model(monkeypatch, published, archive=archive)
+
+    result = run_cli("models", "pull", "largefov-voc12")
+
+    assert result.exit_code == 0, result.output
+    assert server.requests == ["/ucla/" + FILE, "/jhu/" + FILE,
+                               "/web/2016id_/" + published[0], "/web/2016id_/" + published[1]]
+    assert f"from {archive}{published[1]}" in result.stderr
+    assert registry.read_source(info).source == archive + published[1]
+    assert files_in(home / info.name) == ["model.onnx", "source.json", FILE]
+
+
+def test_pull_that_finds_nothing_names_every_url_and_how_to_import(server, monkeypatch, home):
+    info = use_model(monkeypatch, [server.url("/ucla/" + FILE), "http://127.0.0.1:9/" + FILE],
+                     archive=server.url("/web/2016id_/"))
+    urls = registry.download_urls(info)
+    assert len(urls) == 4
+
+    result = run_cli("models", "pull", "largefov-voc12")
+
+    # One line: each URL with its status or error, then what to do with a file found elsewhere.
+    assert_model_error(result, f"{urls[0]}: HTTP 404", f"{urls[2]}: HTTP 404", f"{urls[3]}: HTTP 404",
+                       "deeplab models import FILE --name largefov-voc12")
+    line = result.stderr.strip()
+    assert line.index(urls[0] + ":") < line.index(urls[1] + ":") < line.index(urls[2] + ":") < line.index(urls[3] + ":")
+    assert "refused" in line.split(urls[1] + ":")[1].split(";")[0].lower()  # connection refused, port 9
+    assert files_in(home / info.name) == []
+
+
+def test_pull_moves_past_a_url_that_serves_another_model(server, monkeypatch, home, largefov_bytes):
+    # A mirror (or an archive capture) with the wrong file under the right name must not end the search.
+    urls = [server.serve("/lenet/" + FILE, LENET.read_bytes()), server.serve("/good/" + FILE, largefov_bytes)]
+    info = use_model(monkeypatch, urls)
+
+    result = run_cli("models", "pull", "largefov-voc12")
+
+    assert result.exit_code == 0, result.output
+    assert server.requests == ["/lenet/" + FILE, "/good/" + FILE]
+    assert (home / info.name / FILE).read_bytes() == largefov_bytes
+    assert registry.read_source(info).source == urls[1]
+
+
+def test_pull_of_a_verified_model_does_nothing_unless_forced(server, monkeypatch, home, largefov_bytes):
+    info = use_model(monkeypatch, [server.serve("/" + FILE, largefov_bytes)])
+    assert run_cli("models", "pull", "largefov-voc12").exit_code == 0
+    onnx_file = home / info.name / "model.onnx"
+    requests, mtime = len(server.requests), onnx_file.stat().st_mtime_ns
+
+    result = run_cli("models", "pull", "largefov-voc12")
+
+    assert result.exit_code == 0, result.output
+    assert result.stdout.strip() == str(onnx_file)
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert "already cached and verified" in result.stderr and sha256(largefov_bytes) in result.stderr
+    assert len(server.requests) == requests and onnx_file.stat().st_mtime_ns == mtime
+
+    result = run_cli("models", "pull", "--force", "largefov-voc12")
+
+    assert result.exit_code == 0, result.output
+    assert result.stdout.strip() == str(onnx_file)
+    assert len(server.requests) == requests + 1 and onnx_file.stat().st_mtime_ns != mtime
+
+
+def test_pull_fetches_again_when_the_cache_is_not_verified(server, monkeypatch, home, largefov_bytes):
+    # A graph and weights cached before sources were recorded: no source.json, so not verified.
+    info = use_model(monkeypatch, [server.serve("/" + FILE, largefov_bytes)])
+    (home / info.name).mkdir(parents=True)
+    (home / info.name / "model.onnx").write_bytes(b"graph")
+    (home / info.name / FILE).write_bytes(largefov_bytes)
+    assert run_cli("models", "list").stdout.startswith(f"{info.name}\tunverified\t-\t")
+
+    result = run_cli("models", "pull", "largefov-voc12")
+
+    assert result.exit_code == 0, result.output
+    assert server.requests == ["/" + FILE]
+    assert registry.verified(info).sha256 == sha256(largefov_bytes)
 
 
 def test_pull_from_a_mirror_that_serves_a_file_that_is_not_largefov(server, monkeypatch, home):
@@ -218,7 +330,7 @@ def test_pull_from_a_mirror_that_serves_a_file_that_is_not_largefov(server, monk
 
     result = run_cli("models", "pull", "largefov-voc12")
 
-    assert_model_error(result, f"downloaded {FILE} is not usable", "not DeepLab-LargeFOV")
+    assert_model_error(result, f"{server.url('/' + FILE)}: not usable", "not DeepLab-LargeFOV")
     assert ".download-" not in result.stderr  # the temporary file is gone; naming it would mislead
     assert "127.0.0.1:9/" not in result.stderr  # the published URL was never tried
     assert server.requests == ["/" + FILE]
@@ -275,8 +387,8 @@ def test_ensure_reports_a_failed_pull_with_how_to_get_the_model(server, monkeypa
         registry.ensure(info)
 
     message = str(caught.value)
-    assert "could not be fetched" in message and "HTTP 404" in message
-    assert "deeplab models import" in message and "\n" not in message
+    assert "could not be fetched" in message and f"{info.urls[0]}: HTTP 404" in message
+    assert "deeplab models import FILE" in message and "\n" not in message
     assert files_in(home / info.name) == []
 
 

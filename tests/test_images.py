@@ -149,11 +149,26 @@ def test_unreadable_file(tmp_path):
 
 
 def test_permission_error_is_reported(tmp_path, monkeypatch):
-    def deny(self):
-        raise PermissionError(13, "Permission denied", str(self))
+    def deny(path, *args):  # chmod cannot deny root, who runs CI
+        raise PermissionError(13, "Permission denied", str(path))
 
-    monkeypatch.setattr(Path, "read_bytes", deny)
+    monkeypatch.setattr(os, "open", deny)
     expect_error(tmp_path / "x.png", "permission denied")
+
+
+def test_a_fifo_is_refused_without_waiting_for_a_writer(tmp_path):
+    os.mkfifo(tmp_path / "pipe.png")
+    expect_error(tmp_path / "pipe.png", "not a regular file (a FIFO)")
+
+
+def test_a_directory_is_refused(tmp_path):
+    (tmp_path / "folder.png").mkdir()
+    expect_error(tmp_path / "folder.png", "is a directory")
+
+
+def test_a_symlink_loop_is_refused(tmp_path):
+    (tmp_path / "loop.png").symlink_to(tmp_path / "loop.png")
+    expect_error(tmp_path / "loop.png", "cannot read", "symbolic links")
 
 
 def test_text_file_named_png(tmp_path):

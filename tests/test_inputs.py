@@ -1,3 +1,4 @@
+import os
 from pathlib import Path
 
 import pytest
@@ -34,6 +35,18 @@ def test_expand_recursive_descends_but_skips_hidden_and_non_images(tree):
 def test_expand_keeps_named_files_whatever_their_suffix(tree):
     named = [str(tree / "notes.txt"), str(tree / ".partial.png")]
     assert expand(named) == sorted([tree / "notes.txt", tree / ".partial.png"])
+
+
+def test_expand_follows_linked_folders_once_and_survives_link_loops(tree, tmp_path):
+    elsewhere = tmp_path / "elsewhere"
+    touch(elsewhere, "x.jpg")
+    (tree / "linked").symlink_to(elsewhere)
+    (tree / "sub/up").symlink_to(tree)  # a loop: sub/up/sub/up/...
+    (tree / "sub/deeper/again").symlink_to(tree / "sub")
+    (tree / "dangling").symlink_to(tmp_path / "nowhere")
+    assert expand([str(tree)], recursive=True) == [
+        tree / "a.PNG", tree / "b.jpg", tree / "linked/x.jpg", tree / "sub/c.jpg", tree / "sub/deeper/d.bmp",
+    ]
 
 
 def test_expand_keeps_missing_paths(tmp_path):
@@ -92,8 +105,20 @@ def test_make_jobs_of_nothing_is_empty():
 
 
 def test_read_list_skips_blank_lines_and_strips_crlf():
-    lines = ["a.jpg\r\n", "\n", "   \n", "dir with space/b.png\n", "c.jpg"]
-    assert read_list(lines) == ["a.jpg", "dir with space/b.png", "c.jpg"]
+    data = b"a.jpg\r\n\n   \ndir with space/b.png\nc.jpg"
+    assert read_list(data) == ["a.jpg", "dir with space/b.png", "c.jpg"]
+
+
+def test_read_list_nul_separated_keeps_newlines_and_spaces_in_names():
+    data = b"two\nlines.jpg\0 lead and trail .png \0\0plain.jpg\0"
+    assert read_list(data, null=True) == ["two\nlines.jpg", " lead and trail .png ", "plain.jpg"]
+    assert read_list(data) == ["two", "lines.jpg\0 lead and trail .png \0\0plain.jpg\0"]  # why -0 exists
+
+
+def test_read_list_keeps_names_that_are_not_utf8():
+    name = b"caf\xe9.jpg"  # Latin-1, as an old camera or archive may name it
+    assert os.fsencode(read_list(name + b"\n")[0]) == name
+    assert os.fsencode(read_list(name + b"\0", null=True)[0]) == name
 
 
 def test_parse_shard_accepts_k_of_n():

@@ -16,7 +16,7 @@ from deeplab_cli.outputs import (
     colorize,
     overlay,
     read_index_png,
-    remove_stale_temporaries,
+    sweep_temporaries,
     voc_palette,
     write_classes_json,
     write_index_png,
@@ -248,10 +248,45 @@ def test_killed_writer_leaves_nothing_or_old_file(tmp_path, had_old_file):
     assert leftovers[0].startswith(".big.bin.") and leftovers[0].endswith(".tmp")
 
 
-def test_stale_temporaries_of_one_target_are_removed(tmp_path):
-    target = tmp_path / "mask.png"
-    (tmp_path / ".mask.png.0123456789ab.tmp").write_bytes(b"half")
-    (tmp_path / ".other.png.0123456789ab.tmp").write_bytes(b"someone else's")
-    remove_stale_temporaries(target)
-    atomic_write(target, lambda tmp: tmp.write_bytes(b"whole"))
-    assert sorted(p.name for p in tmp_path.iterdir()) == [".other.png.0123456789ab.tmp", "mask.png"]
+def test_sweep_removes_a_killed_writers_temporary_but_not_a_live_shards(tmp_path):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([SRC, os.environ.get("PYTHONPATH", "")])}
+    (tmp_path / "sub").mkdir()
+    killed, live = tmp_path / "sub/dead.bin", tmp_path / "classes.json"
+    writers = [subprocess.Popen([sys.executable, "-c", KILLED_WRITER, str(target)], stdout=subprocess.PIPE, env=env)
+               for target in (killed, live)]
+    try:
+        for writer in writers:
+            assert writer.stdout.readline() == b"halfway\n"
+        writers[0].kill()
+        writers[0].wait()
+        (tmp_path / ".notes.txt").write_text("a user's hidden file, not ours")
+        before = sorted(p.name for p in tmp_path.rglob(".*"))
+        assert len(before) == 3
+
+        assert sweep_temporaries(tmp_path) == 1
+
+        after = sorted(p.name for p in tmp_path.rglob(".*"))
+        assert after == sorted([".notes.txt", *(n for n in before if n.startswith(".classes.json."))])
+    finally:
+        for writer in writers:
+            writer.kill()
+            writer.wait()
+    assert sweep_temporaries(tmp_path) == 1  # the second writer is dead now too
+
+
+def test_a_sweep_racing_a_new_temporary_never_deletes_a_live_write(tmp_path, monkeypatch):
+    import deeplab_cli.outputs as outputs
+
+    real_open, swept = os.open, []
+
+    def open_then_sweep(path, flags, *mode):
+        fd = real_open(path, flags, *mode)
+        if flags & os.O_EXCL and not swept:  # a sweep runs between the writer's open and its lock
+            swept.append(sweep_temporaries(tmp_path))
+        return fd
+
+    monkeypatch.setattr(outputs.os, "open", open_then_sweep)
+    atomic_write(tmp_path / "mask.png", lambda tmp: tmp.write_bytes(b"whole"))
+    assert swept == [1]  # it took the unlocked new file for a leftover...
+    assert (tmp_path / "mask.png").read_bytes() == b"whole"  # ...and the writer noticed and took another name
+    assert os.listdir(tmp_path) == ["mask.png"]

@@ -1,5 +1,5 @@
-"""The Ray engine on a real two-node local cluster: the local engine's outputs, byte for byte, and a
-CRF worker killed mid-run costs nothing."""
+"""The Ray engine on a real two-node local cluster: the local engine's outputs, byte for byte; a
+worker killed mid-run costs nothing; an image that kills its worker every time fails alone."""
 
 import os
 import shutil
@@ -14,6 +14,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+from PIL import Image
 import pytest
 
 ray = pytest.importorskip("ray")
@@ -147,7 +148,7 @@ def test_stages_compose_into_the_local_engine_outputs(folder, onnx_model, probs_
         assert batch["labels"][0].shape == (40, 52) and batch["probs"][0].size == 0
         assert batch["probs"][3].shape == (21, 56, 28) and batch["labels"][3].size == 0
     rows = ray_engine.crf_batch(batch, settings)
-    assert set(rows) == {"source", "key", "status", "error", "timings"}
+    assert set(rows) == {"source", "key", "status", "error", "timings", "stops_batch"}
     statuses = dict(zip(rows["key"], rows["status"]))
     expected = local(jobs, model, runner.Settings(out=tmp_path / "local", formats=formats, crf=crf, max_size=56))
     assert statuses == {key: r.status for key, r in expected.items()}
@@ -257,3 +258,111 @@ def test_cli_engine_ray_keeps_stdout_for_results(cluster, folder, onnx_model, tm
     assert (tmp_path / "m/classes.json").is_file()
     assert CliRunner().invoke(cli, ["segment", str(folder), "--out", str(tmp_path / "m"), "-m", str(onnx_model),
                                     "--engine", "ray", "-j", "2"]).exit_code == 2
+
+
+@pytest.mark.slow
+def test_an_input_that_kills_its_worker_every_time_is_reported_not_retried_forever(cluster, folder, onnx_model,
+                                                                                    tmp_path, monkeypatch):
+    """Three images kill the worker process working on them, every time, as a crash in native code or
+    the OOM killer would: one in the load tasks, one in the network actor, one in the CRF tasks. Each is
+    tried MAX_ATTEMPTS times and reported with the reason, the image sharing its block still comes out,
+    every other output is the local engine's, stdout carries only results, and the exit code is 1."""
+    import json
+    from collections import defaultdict
+
+    from click.testing import CliRunner
+
+    from deeplab_cli.cli import cli
+
+    # Named to sort just before "0.png", "3.png", "4.png", so that each shares a block with that image
+    # (blocks of batch_size = 2 rows in path order), and of its size, so that they share network calls.
+    poison = {"load": "0-dies-in-load", "network": "3-dies-in-network", "crf": "4-dies-in-crf"}
+    for i, (key, size) in enumerate(zip(poison.values(), [(40, 52), (60, 30), (45, 36)])):
+        cv2.imwrite(str(folder / f"{key}.png"), natural_image(*size, seed=90 + i))
+    deaths = str(tmp_path / "deaths")  # "key rows" per death, written by the dying worker (same machine)
+    limit = ray_engine.MAX_ATTEMPTS
+
+    # The poisoned stages are the real ones behind a check. Defined here, so that Ray ships them by
+    # value (the workers cannot import this module); the pipeline picks them up by name.
+    def die_on(batch, key):
+        """Kill this process if `batch` holds `key` to work on (a row with an error is only passed on)."""
+        errors = batch["error"] if "error" in batch else [""] * len(batch["key"])
+        if any(k == key and not e for k, e in zip(batch["key"], errors)):
+            with open(deaths, "a") as log:
+                log.write(f"{key} {len(batch['key'])}\n")
+            with open(deaths) as log:
+                if log.read().split().count(key) > 2 * limit:  # the run would never end: fail it instead
+                    raise RuntimeError(f"{key} retried without bound")
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    load_batch, network_stage, crf_batch = ray_engine.load_batch, ray_engine.NetworkStage, ray_engine.crf_batch
+
+    def poisoned_load(batch, settings):
+        die_on(batch, poison["load"])
+        return load_batch(batch, settings)
+
+    class NetworkStage(network_stage):
+        def __call__(self, batch):
+            die_on(batch, poison["network"])
+            return super().__call__(batch)
+
+    def poisoned_crf(batch, settings):
+        die_on(batch, poison["crf"])
+        return crf_batch(batch, settings)
+
+    poisoned_load.__name__, poisoned_crf.__name__ = "load_batch", "crf_batch"  # Ray Data's operator names
+    monkeypatch.setattr(ray_engine, "load_batch", poisoned_load)
+    monkeypatch.setattr(ray_engine, "NetworkStage", NetworkStage)
+    monkeypatch.setattr(ray_engine, "crf_batch", poisoned_crf)
+
+    out = tmp_path / "ray"
+    result = CliRunner(env=ENV).invoke(cli, ["segment", str(folder), "--out", str(out), "-m", str(onnx_model),
+                                             "--engine", "ray", "--address", cluster, "--json", "--no-crf",
+                                             "--batch-size", "2"])
+    monkeypatch.undo()
+
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output  # ended, no traceback
+    died = defaultdict(list)  # key -> rows of the block of each death
+    for line in Path(deaths).read_text().splitlines():
+        key, rows = line.split()
+        died[key].append(int(rows))
+    # First with the image sharing its block, then alone; then never again.
+    assert died == {key: [2] + [1] * (limit - 1) for key in poison.values()}
+    records = {Path(r["input"]).stem: r for r in map(json.loads, result.stdout.splitlines())}  # results only
+    assert sorted(records) == sorted(p.stem for p in folder.iterdir())
+    for key in poison.values():
+        assert records[key]["status"] == "error" and records[key]["outputs"] == []
+        assert records[key]["error"] == (f"{folder / key}.png: the worker process died while processing it "
+                                         "(out of memory?)")
+    assert records["bad"]["status"] == "error" and "bad.png" in records["bad"]["error"]
+    assert {k: r["status"] for k, r in records.items() if k != "bad" and k not in poison.values()} == {
+        str(i): "ok" for i in range(5)}
+    jobs = [job for job in collect([str(folder)]) if job.key not in poison.values()]
+    local(jobs, onnx_model, runner.Settings(out=tmp_path / "local", crf=None))
+    assert {k: v for k, v in outputs(out).items() if k != "classes.json"} == outputs(tmp_path / "local")
+
+
+def test_sigterm_stops_a_ray_run_with_143_and_a_rerun_resumes(cluster, onnx_model, tmp_path):
+    # ray.init puts in a SIGTERM handler that exits at once: the CLI's graceful stop must survive it.
+    photos = tmp_path / "img"
+    photos.mkdir()
+    for i in range(12):
+        cv2.imwrite(str(photos / f"{i}.png"), natural_image(96, 128, seed=80 + i))
+    out = tmp_path / "m"
+    src = str(Path(deeplab_cli.__file__).parents[1])
+    env = {**os.environ, **ENV, "PYTHONPATH": os.pathsep.join(filter(None, [src, os.environ.get("PYTHONPATH")]))}
+    command = [sys.executable, "-m", "deeplab_cli", "segment", str(photos), "--out", str(out), "-m", str(onnx_model),
+               "--engine", "ray", "--address", cluster, "--batch-size", "1"]
+    child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    assert child.stdout.readline(), child.stderr.read().decode()[-2000:]
+    child.send_signal(signal.SIGTERM)
+    _, err = child.communicate(timeout=120)
+    err = err.decode()
+    assert child.returncode == 143, err[-2000:]
+    assert "stopped (SIGTERM)" in err and "Traceback" not in err
+    done = [p for p in out.rglob("*.png")]
+    assert 1 <= len(done) < 12
+    assert all(np.array(Image.open(p)).shape == (96, 128) for p in done)
+    rerun = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert len(list(out.rglob("*.png"))) == 12

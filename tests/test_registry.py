@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from conftest import LENET, assert_one_line_error, files_in, run_cli
@@ -20,9 +22,22 @@ def largefov_file(largefov_caffemodel) -> Path:
     return largefov_caffemodel
 
 
+@pytest.fixture(scope="module")
+def largefov_npz(weights, tmp_path_factory) -> Path:
+    """The same weights as an .npz of <layer>/W, <layer>/b arrays."""
+    path = tmp_path_factory.mktemp("npz") / "largefov.npz"
+    np.savez(path, **{f"{layer}/{kind}": array for layer, (w, b) in weights.items()
+                      for kind, array in (("W", w), ("b", b))})
+    return path
+
+
 @pytest.fixture(autouse=True)
 def home(deeplab_home) -> Path:
     return deeplab_home
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 # -- registry ------------------------------------------------------------------------------------------
@@ -37,6 +52,7 @@ def test_largefov_voc12_is_registered_with_the_paper_settings():
         "http://www.cs.jhu.edu/~alanlab/ccvl/DeepLab-LargeFOV/train2_iter_8000.caffemodel",
     )
     assert info.sha256 is None  # none was ever published; an empty string must not count as one
+    assert info.archive == "https://web.archive.org/web/2016id_/"
     assert len(info.classes) == 21
     assert (info.classes[0], info.classes[15], info.classes[20]) == ("background", "person", "tvmonitor")
     assert info.mean_bgr == (104.008, 116.669, 122.675)
@@ -63,13 +79,15 @@ def test_cache_lives_under_deeplab_home(home, monkeypatch, tmp_path):
 
 def test_mirror_replaces_the_published_urls(monkeypatch):
     info = registry.get_model(NAME)
-    assert registry.download_urls(info) == list(info.urls)
+    published = [*info.urls, *(f"https://web.archive.org/web/2016id_/{url}" for url in info.urls)]
+    assert registry.download_urls(info) == published  # the mirrors, then the archived copies of both
+    assert registry.download_urls(dataclasses.replace(info, archive=None)) == list(info.urls)
 
     monkeypatch.setenv("DEEPLAB_MIRROR", "http://127.0.0.1:8000/weights/")
     assert registry.download_urls(info) == [f"http://127.0.0.1:8000/weights/{FILE}"]
 
     monkeypatch.setenv("DEEPLAB_MIRROR", "  ")
-    assert registry.download_urls(info) == list(info.urls)
+    assert registry.download_urls(info) == published
 
 
 @pytest.mark.parametrize("value, expected", [
@@ -85,7 +103,8 @@ def test_how_to_get_names_both_commands_and_the_source():
     advice = registry.how_to_get(info)
     assert f"deeplab models pull {NAME}" in advice
     assert f"deeplab models import {FILE} --name {NAME}" in advice
-    assert info.urls[0] in advice
+    assert f"from {info.archive}{info.urls[0]} " in advice  # the copy that may still answer
+    assert f"from {info.urls[0]} " in registry.how_to_get(dataclasses.replace(info, archive=None))
 
     assert "deeplab models import FILE" in registry.how_to_get(dataclasses.replace(info, urls=()))
 
@@ -105,11 +124,35 @@ def test_remove_reports_whether_there_was_anything(home):
 def test_models_list_shows_whether_cached(home):
     result = run_cli("models", "list")
     assert result.exit_code == 0
-    assert result.stdout.startswith(f"{NAME}\tnot cached\tDeepLab-CRF-LargeFOV")
+    assert result.stdout.startswith(f"{NAME}\tnot cached\t-\tDeepLab-CRF-LargeFOV")
 
     (home / NAME).mkdir(parents=True)
+    (home / NAME / FILE).write_bytes(b"weights")
+    assert run_cli("models", "list").stdout.startswith(f"{NAME}\tweights only\t-\t")
     (home / NAME / "model.onnx").write_bytes(b"graph")
-    assert run_cli("models", "list").stdout.startswith(f"{NAME}\tcached\t")
+    assert run_cli("models", "list").stdout.startswith(f"{NAME}\tunverified\t-\t")  # no record of the weights
+    record = {"file": FILE, "sha256": "ab" * 32, "source": "http://x/" + FILE, "date": "2024-01-01T00:00:00+00:00"}
+    (home / NAME / "source.json").write_text(json.dumps(record))
+    assert run_cli("models", "list").stdout.startswith(f"{NAME}\tcached\t{'ab' * 32}\t")
+
+
+def test_verified_needs_the_graph_the_record_its_weights_and_the_registry_sha256(home, monkeypatch):
+    info = registry.get_model(NAME)
+    folder = home / NAME
+    folder.mkdir(parents=True)
+    (folder / "model.onnx").write_bytes(b"graph")
+    assert registry.verified(info) is None
+    (folder / "source.json").write_text(json.dumps(
+        {"file": "w.npz", "sha256": "ab" * 32, "source": "imported from /x/w.npz", "date": "2024-01-01T00:00:00+00:00"}))
+    assert registry.verified(info) is None  # the weights it names are missing
+    (folder / "w.npz").write_bytes(b"weights")
+    assert registry.verified(info) == registry.SourceRecord("w.npz", "ab" * 32, "imported from /x/w.npz",
+                                                            "2024-01-01T00:00:00+00:00")
+    assert registry.verified(dataclasses.replace(info, sha256="AB" * 32)) is not None
+    assert registry.verified(dataclasses.replace(info, sha256="cd" * 32)) is None
+    for broken in ("{", json.dumps({"file": "../w.npz", "sha256": "ab" * 32, "source": "x", "date": "y"})):
+        (folder / "source.json").write_text(broken)
+        assert registry.verified(info) is None and registry.read_source(info) is None
 
 
 def test_models_path_of_a_model_not_cached_says_how_to_get_it(home):
@@ -125,9 +168,13 @@ def test_models_import_caches_and_prints_the_sha256(home, largefov_file):
 
     assert result.exit_code == 0, result.output
     onnx_file = home / NAME / "model.onnx"
-    assert result.stdout.splitlines() == [str(onnx_file), f"sha256 {digest}"]
-    assert files_in(home / NAME) == ["model.onnx", FILE]
+    assert result.stdout.splitlines() == [str(onnx_file)]
+    assert result.stderr.strip() == f"deeplab: {NAME}: sha256 {digest} imported from {largefov_file}"
+    assert files_in(home / NAME) == ["model.onnx", "source.json", FILE]
     assert (home / NAME / FILE).read_bytes() == largefov_file.read_bytes()
+    record = registry.read_source(registry.get_model(NAME))
+    assert (record.file, record.sha256, record.source) == (FILE, digest, f"imported from {largefov_file.resolve()}")
+    assert run_cli("models", "list").stdout.startswith(f"{NAME}\tcached\t{digest}\t")
     assert run_cli("models", "path", NAME).stdout.strip() == str(onnx_file)
 
     result = run_cli("models", "rm", NAME)
@@ -144,6 +191,37 @@ def test_models_import_refuses_a_file_that_does_not_match_the_registry_sha256(ho
     result = run_cli("models", "import", largefov_file)
 
     assert_one_line_error(result, ModelError.exit_code, str(largefov_file), "SHA-256", "AB" * 32)
+    assert files_in(home) == []
+
+
+def test_imported_npz_is_kept_under_its_own_name_and_converted_again_from_it(home, monkeypatch, largefov_file,
+                                                                            largefov_npz):
+    info = registry.get_model(NAME)
+    assert run_cli("models", "import", largefov_file).exit_code == 0
+    (home / NAME / "model.gpu.onnx").write_bytes(b"converted from the .caffemodel")
+
+    result = run_cli("models", "import", largefov_npz)
+
+    assert result.exit_code == 0, result.output
+    # The .caffemodel and the graphs converted from it are gone: nothing stale is left to be used.
+    assert files_in(home / NAME) == ["largefov.npz", "model.onnx", "source.json"]
+    assert (home / NAME / "largefov.npz").read_bytes() == largefov_npz.read_bytes()
+    assert registry.read_source(info).file == "largefov.npz"
+    assert registry.cached_weights(info) == home / NAME / "largefov.npz"
+
+    # The graph lost, the weights kept: converted again from the .npz, with no network.
+    (home / NAME / "model.onnx").unlink()
+    monkeypatch.setenv("DEEPLAB_OFFLINE", "1")
+    assert registry.ensure(info) == home / NAME / "model.onnx"
+    assert files_in(home / NAME) == ["largefov.npz", "model.onnx", "source.json"]
+    assert registry.verified(info).sha256 == sha256(largefov_npz)
+
+
+def test_models_import_refuses_a_name_the_cache_uses_itself(home, tmp_path):
+    for name in ("source.json", "model.onnx"):
+        (tmp_path / name).write_bytes(b"weights?")
+        assert_one_line_error(run_cli("models", "import", tmp_path / name), ModelError.exit_code,
+                              str(tmp_path / name), "rename it")
     assert files_in(home) == []
 
 

@@ -1,7 +1,7 @@
 """The `deeplab` command. It parses options and reports; the work is done by the library modules.
 
 Exit codes: 0 every input done; 1 some inputs failed; 2 usage error; 3 the model or runtime could not
-start. Heavy modules (numpy, onnxruntime, OpenCV) are imported inside commands so `--help` is instant.
+start; 143 / 130 stopped by SIGTERM / SIGINT (what was finished is kept; a rerun resumes). Heavy modules (numpy, onnxruntime, OpenCV) are imported inside commands so `--help` is instant.
 """
 
 from __future__ import annotations
@@ -65,10 +65,13 @@ batch_options = _options(
     click.option("-o", "--out", type=click.Path(file_okay=False, path_type=Path), required=True,
                  help="Output folder; it mirrors the input folders."),
     click.option("-r", "--recursive", is_flag=True, help="Descend into sub-folders."),
+    click.option("-0", "--null", is_flag=True, help="The list on stdin (`-`) is NUL-separated, as `find -print0` writes it."),
     click.option("--overwrite", is_flag=True, help="Redo inputs whose outputs already exist."),
     click.option("--shard", metavar="K/N", help="Process only the K-th (from 0) of N slices of the inputs."),
     click.option("--json", "as_json", is_flag=True, help="One JSON object per input on stdout."),
     click.option("-q", "--quiet", is_flag=True, help="No progress bar or summary."),
+    click.option("--grace", type=click.FloatRange(min=0), default=5.0, show_default=True, metavar="SECONDS",
+                 help="On SIGTERM or Ctrl-C, how long images in flight may take to finish before they are dropped."),
 )
 
 output_options = _options(
@@ -115,56 +118,81 @@ def crf_settings(base: dict, params_file: Path | None, options: dict):
         raise click.BadParameter(str(e), param_hint="--crf-params") from None
 
 
-def gather_jobs(inputs: tuple[str, ...], recursive: bool, shard_text: str | None):
-    """Jobs from paths and `-` (a list of paths on stdin), sharded if asked."""
+def gather_jobs(inputs: tuple[str, ...], recursive: bool, shard_text: str | None, null: bool = False):
+    """Jobs from paths and `-` (a list of paths on stdin, NUL-separated with `null`), sharded if asked."""
     from deeplab_cli import inputs as inp
 
     paths = []
     for item in inputs:
-        paths.extend(inp.read_list(sys.stdin) if item == "-" else [item])
+        paths.extend(inp.read_list(sys.stdin.buffer.read(), null) if item == "-" else [item])
     jobs = inp.collect(paths, recursive)
     if shard_text:
         jobs = inp.shard(jobs, *inp.parse_shard(shard_text))
     return jobs
 
 
-def report(results, total: int, as_json: bool, quiet: bool, provider: str, out=None) -> int:
-    """Print results as they come (paths or JSON lines on `out`, stdout by default; errors on stderr);
-    return the exit code."""
+def report(results, total: int, as_json: bool, quiet: bool, provider: str, grace: float = 0.0, out=None,
+           folder: Path | None = None) -> int:
+    """Print results as they come (paths or JSON lines on `out`, stdout by default; errors on stderr)
+    and return the exit code.
+
+    SIGTERM and Ctrl-C stop the batch gracefully (`stop`), as does an output device that cannot take
+    more; images dropped in flight leave temporaries in `folder`, swept here."""
     from tqdm import tqdm
+
+    from deeplab_cli import stop
 
     counts = {"ok": 0, "skipped": 0, "error": 0}
     if total == 0 and not quiet:
         click.echo("deeplab: no inputs (folders are searched for image files; -r descends into sub-folders)", err=True)
     show_progress = not quiet and sys.stderr.isatty()
-    with tqdm(total=total, disable=not show_progress, unit="img", file=sys.stderr, dynamic_ncols=True) as bar:
-        for result in results:
-            counts[result.status] += 1
-            if as_json:
-                click.echo(file=out, message=json.dumps({
-                    "input": str(result.job.source), "outputs": [str(p) for p in result.outputs],
-                    "status": result.status, "error": result.error,
-                    "timings": {k: round(v, 4) for k, v in result.timings.items()}, "provider": provider,
-                }))
-            elif result.status == "ok":
-                for path in result.outputs:
-                    click.echo(path, file=out)
-            if result.error:
-                bar.write(f"deeplab: {result.error}", file=sys.stderr)
-            bar.update()
+    abandoned = False
+    with stop.graceful(grace), tqdm(total=total, disable=not show_progress, unit="img", file=sys.stderr,
+                                    dynamic_ncols=True) as bar:
+        try:
+            for result in results:
+                counts[result.status] += 1
+                if as_json:
+                    click.echo(file=out, message=json.dumps({
+                        "input": str(result.job.source), "outputs": [str(p) for p in result.outputs],
+                        "status": result.status, "error": result.error,
+                        "timings": {k: round(v, 4) for k, v in result.timings.items()}, "provider": provider,
+                    }))
+                elif result.status == "ok":
+                    for path in result.outputs:
+                        click.echo(path, file=out)
+                if result.error:
+                    bar.write(f"deeplab: {result.error}", file=sys.stderr)
+                if result.stops_batch:
+                    stop.request("the output cannot take more")
+                bar.update()
+        except stop.Abandoned:
+            abandoned = True
+        finally:
+            results.close()  # ends the workers now, before the summary
+    if abandoned and folder is not None:
+        from deeplab_cli.outputs import sweep_temporaries
+
+        sweep_temporaries(folder)
     if not quiet:
         click.echo(f"deeplab: {counts['ok']} done, {counts['skipped']} skipped (already done), "
                    f"{counts['error']} failed", err=True)
+    if stop.requested():
+        left = total - sum(counts.values())
+        click.echo(f"deeplab: stopped ({stop.reason()}); {left} not done: run the same command again to resume",
+                   err=True)
+        return stop.exit_code() or EXIT_FAILED
     return EXIT_FAILED if counts["error"] else EXIT_OK
 
 
 def prepare_out(out: Path, classes) -> None:
     """Create the output folder with its classes.json, or fail before any work with the reason."""
     from deeplab_cli.errors import UsageError
-    from deeplab_cli.outputs import voc_palette, write_classes_json
+    from deeplab_cli.outputs import sweep_temporaries, voc_palette, write_classes_json
 
     try:
         write_classes_json(out / "classes.json", classes, voc_palette())
+        sweep_temporaries(out)  # what a killed run left; other shards' live files are locked, and stay
     except OSError as e:
         raise UsageError(f"{out}: cannot write to the output folder ({e.strerror or e})") from None
 
@@ -217,18 +245,19 @@ def _download_progress():
 @output_options
 @click.option("--crf/--no-crf", default=True, show_default=True, help="Refine with the fully connected CRF.")
 @crf_options
-def segment(inputs, out, recursive, overwrite, shard, as_json, quiet, model, device, threads, jobs, batch_size,
+def segment(inputs, out, recursive, null, overwrite, shard, as_json, quiet, grace, model, device, threads, jobs, batch_size,
             max_size, pad_to, fp16, engine, address, formats, alpha, crf, crf_params, **crf_opts):
     """Segment images: files, folders, or `-` for a list of paths on stdin.
 
     \b
       deeplab segment photos/ --out masks/
       find data -name '*.jpg' | deeplab segment - --out masks/ --json
+      find data -name '*.jpg' -print0 | deeplab segment -0 - --out masks/
     """
     from deeplab_cli import runner
     from deeplab_cli.runtime import open_session, parse_device, wants_cuda
 
-    job_list = gather_jobs(inputs, recursive, shard)
+    job_list = gather_jobs(inputs, recursive, shard, null)
     try:
         # On a Ray cluster only an explicit cuda says the actors have GPUs: this machine cannot tell.
         gpu = parse_device(device)[0] == "cuda" if engine == "ray" else wants_cuda(device)
@@ -250,7 +279,7 @@ def segment(inputs, out, recursive, overwrite, shard, as_json, quiet, model, dev
         try:
             results = ray_engine.segment(job_list, model_path, settings, device=device, threads=threads,
                                          batch_size=batch_size, address=address)
-            sys.exit(report(results, len(job_list), as_json, quiet, "ray", out=stdout))
+            sys.exit(report(results, len(job_list), as_json, quiet, "ray", grace, out=stdout, folder=out))
         finally:
             sys.stdout = stdout
     # This session checks the model and the device before any work, and tells where the network runs.
@@ -268,7 +297,7 @@ def segment(inputs, out, recursive, overwrite, shard, as_json, quiet, model, dev
     else:
         results = runner.segment_lanes(job_list, model_path, settings, workers, threads)
     del session  # on the CPU the lanes, or the one-process session, hold the network
-    sys.exit(report(results, len(job_list), as_json, quiet, provider))
+    sys.exit(report(results, len(job_list), as_json, quiet, provider, grace, folder=out))
 
 
 @cli.command()
@@ -278,7 +307,7 @@ def segment(inputs, out, recursive, overwrite, shard, as_json, quiet, model, dev
 @output_options
 @jobs_option
 @crf_options
-def crf(inputs, logits_dir, out, recursive, overwrite, shard, as_json, quiet, formats, alpha, jobs, crf_params,
+def crf(inputs, logits_dir, out, recursive, null, overwrite, shard, as_json, quiet, grace, formats, alpha, jobs, crf_params,
         **crf_opts):
     """The CRF stage alone, from saved logits: IMAGES... LOGITS.
 
@@ -295,14 +324,14 @@ def crf(inputs, logits_dir, out, recursive, overwrite, shard, as_json, quiet, fo
     from deeplab_cli import runner
     from deeplab_cli.outputs import VOC_CLASSES
 
-    job_list = gather_jobs(inputs, recursive, shard)
+    job_list = gather_jobs(inputs, recursive, shard, null)
     settings = runner.Settings(out=out, formats=tuple(dict.fromkeys(formats or ("index",))),
                                crf=crf_settings({}, crf_params, crf_opts), alpha=alpha, overwrite=overwrite)
     prepare_out(out, VOC_CLASSES)
     work = functools.partial(runner.crf_one, logits_dir=logits_dir, settings=settings)
     lanes = min(jobs or runner.usable_cores(), max(1, len(job_list)))
     results = runner.parallel_map(work, job_list, lanes, runner.lost_result)
-    sys.exit(report(results, len(job_list), as_json, quiet, "cpu"))
+    sys.exit(report(results, len(job_list), as_json, quiet, "cpu", grace, folder=out))
 
 
 @cli.command("crf tune")
@@ -446,33 +475,53 @@ def models():
 
 @models.command("list")
 def models_list():
-    """Known models and whether each is in the cache."""
+    """Known models: name, state, SHA-256 of the cached weights (- when unknown), description."""
     from deeplab_cli import registry
 
     for info in registry.known_models().values():
-        state = "cached" if registry.onnx_path(info).is_file() else "not cached"
-        click.echo(f"{info.name}\t{state}\t{info.description}")
+        if registry.verified(info):
+            state = "cached"
+        elif registry.onnx_path(info).is_file():
+            # A graph without a record of its weights (cached before records were kept), or weights that do
+            # not match the registry's sha256: `pull` fetches these again.
+            state = "unverified"
+        elif registry.cached_weights(info):
+            state = "weights only"  # the graph is converted from them on first use
+        else:
+            state = "not cached"
+        record = registry.read_source(info)
+        click.echo(f"{info.name}\t{state}\t{record.sha256 if record else '-'}\t{info.description}")
 
 
 @models.command()
 @click.argument("name")
-def pull(name):
-    """Download, verify, convert and cache a model."""
+@click.option("--force", is_flag=True, help="Download again even when the model is cached and verified.")
+def pull(name, force):
+    """Download, verify, convert and cache a model; print its ONNX path (the SHA-256 goes to stderr)."""
     from deeplab_cli import registry
 
-    path = registry.pull(registry.get_model(name), progress=_download_progress())
-    click.echo(path)
+    info = registry.get_model(name)
+    record = None if force else registry.verified(info)
+    if record:
+        click.echo(f"deeplab: {name} is already cached and verified (sha256 {record.sha256}); nothing to do, "
+                   "--force downloads it again", err=True)
+    else:
+        registry.pull(info, progress=_download_progress())
+        record = registry.read_source(info)
+        click.echo(f"deeplab: {name}: sha256 {record.sha256} from {record.source}", err=True)
+    click.echo(registry.onnx_path(info))  # on stdout either way, for scripts
 
 
 @models.command("import")
 @click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--name", default="largefov-voc12", show_default=True)
 def models_import(file, name):
-    """Convert a weight file you already have into the cache, and print its SHA-256."""
+    """Convert a weight file you already have into the cache; print its ONNX path (the SHA-256 goes to stderr)."""
     from deeplab_cli import registry
 
     path, digest = registry.import_file(registry.get_model(name), file)
-    click.echo(f"{path}\nsha256 {digest}")
+    click.echo(f"deeplab: {name}: sha256 {digest} imported from {file}", err=True)
+    click.echo(path)
 
 
 @models.command()

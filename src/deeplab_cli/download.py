@@ -11,23 +11,32 @@ import secrets
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, NamedTuple
 
 from deeplab_cli.errors import DownloadError
 
 Progress = Callable[[int, "int | None"], None]  # (bytes just received, total bytes or None)
+Check = Callable[[Path], "str | None"]  # a downloaded file -> why it is unusable, or None to accept it
+
+
+class Fetched(NamedTuple):
+    path: Path  # the temporary file, deleted on leaving the `fetch` block unless the caller renamed it
+    sha256: str
+    url: str  # the one that answered
 
 
 @contextlib.contextmanager
 def fetch(
-    urls: list[str], directory: Path, *, sha256: str | None = None,
+    urls: list[str], directory: Path, *, sha256: str | None = None, check: Check | None = None,
     progress: Progress | None = None, timeout: float = 60.0,
-) -> Iterator[tuple[Path, str]]:
-    """Download the first of `urls` that works into a temporary file in `directory`.
+) -> Iterator[Fetched]:
+    """Download the first of `urls` that gives an acceptable file into a temporary file in `directory`.
 
-    Yields (temporary path, SHA-256). The file is deleted on leaving the block unless the caller has
-    renamed it, so an interrupted, short or mismatching download leaves nothing behind. Raises
-    DownloadError naming every URL tried and why it failed.
+    A file is acceptable when it arrived whole, matches `sha256` (when given) and `check(path)` returns
+    None; otherwise it is deleted and the next URL is tried, since a mirror or an archive may serve an
+    error page or another file where the real one is missing. The yielded file is deleted on leaving the
+    block unless the caller has renamed it, so nothing partial or rejected is ever left behind. Raises
+    DownloadError (one line) naming every URL tried and why it failed.
     """
     directory.mkdir(parents=True, exist_ok=True)
     failures = []
@@ -41,6 +50,8 @@ def fetch(
                 digest = _copy(url, out, progress, timeout)
             if sha256 and digest != sha256.lower():
                 raise _Failed(f"SHA-256 {digest} does not match the expected {sha256}")
+            if check and (reason := check(tmp)):
+                raise _Failed(reason)
         except _Failed as e:
             tmp.unlink(missing_ok=True)
             failures.append(f"{url}: {e}")
@@ -49,7 +60,7 @@ def fetch(
             tmp.unlink(missing_ok=True)
             raise
         try:
-            yield tmp, digest
+            yield Fetched(tmp, digest, url)
         finally:
             tmp.unlink(missing_ok=True)
         return

@@ -14,6 +14,15 @@ class InputError(DeeplabError):
     """One input (image, logits file, label map) cannot be used; the rest of a batch goes on."""
 
 
+class OutputError(DeeplabError):
+    """An output could not be written. `stops_batch` when no later output could be either (the disk or
+    quota is full, the file system turned read-only): the batch then takes no new images."""
+
+    def __init__(self, message: str, stops_batch: bool = False):
+        super().__init__(message)
+        self.stops_batch = stops_batch
+
+
 class WeightsError(DeeplabError):
     """A weight file is unreadable, truncated, or not DeepLab-LargeFOV."""
 

@@ -9,6 +9,7 @@ Facts measured with opencv-python-headless 5.0 that shape this module:
 """
 
 import os
+import stat
 import zlib
 from contextlib import contextmanager
 from pathlib import Path
@@ -69,6 +70,8 @@ def _png_problem(data: bytes) -> str | None:
 
 
 _COMPLETENESS_CHECKS = {"JPEG": _jpeg_problem, "PNG": _png_problem}
+_FILE_KINDS = {stat.S_IFIFO: "a FIFO", stat.S_IFSOCK: "a socket", stat.S_IFCHR: "a character device",
+               stat.S_IFBLK: "a block device"}
 
 
 @contextmanager
@@ -83,14 +86,22 @@ def _quiet_opencv():
 
 def _read_bytes(path: str | os.PathLike) -> bytes:
     try:
-        data = Path(path).read_bytes()
+        # O_NONBLOCK: opening a FIFO for reading would otherwise wait for a writer, forever.
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+        with open(fd, "rb") as f:
+            kind = stat.S_IFMT(os.fstat(fd).st_mode)
+            if kind == stat.S_IFDIR:
+                raise IsADirectoryError
+            if kind != stat.S_IFREG:
+                raise InputError(f"{path}: not a regular file ({_FILE_KINDS.get(kind, 'special file')})")
+            data = f.read()
     except FileNotFoundError:
         raise InputError(f"{path}: file not found") from None
     except IsADirectoryError:
         raise InputError(f"{path}: is a directory, not an image file") from None
     except PermissionError:
         raise InputError(f"{path}: permission denied") from None
-    except OSError as e:
+    except OSError as e:  # a symlink loop (ELOOP) among them
         raise InputError(f"{path}: cannot read ({e.strerror or e})") from None
     if not data:
         raise InputError(f"{path}: empty file (0 bytes)")

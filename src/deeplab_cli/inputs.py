@@ -31,6 +31,7 @@ def expand(paths: Iterable[str], recursive: bool = False) -> list[Path]:
     """Files named and image files inside folders named, de-duplicated, sorted by path.
 
     Hidden files and folders are skipped in walks (a killed run's temporary files start with '.').
+    Files of any kind are listed (a FIFO or socket fails when loaded, with the reason).
     Paths that do not exist are kept: loading them fails with the reason, for that input alone.
     """
     found: set[Path] = set()
@@ -39,16 +40,39 @@ def expand(paths: Iterable[str], recursive: bool = False) -> list[Path]:
         if not path.is_dir():
             found.add(path)
             continue
-        for root, dirs, files in os.walk(path):
-            dirs[:] = sorted(d for d in dirs if not d.startswith(".")) if recursive else []
+        # Symlinked folders are followed (datasets are often assembled from links); each real folder is
+        # walked once, so a link back up the tree cannot loop.
+        seen: set[tuple[int, int]] = set()
+        _first_visit(path, seen)
+        for root, dirs, files in os.walk(path, followlinks=True):
+            wanted = [d for d in sorted(dirs) if not d.startswith(".")] if recursive else []
+            dirs[:] = [d for d in wanted if _first_visit(Path(root, d), seen)]
             found.update(Path(root, f) for f in files
                          if not f.startswith(".") and Path(f).suffix.lower() in IMAGE_SUFFIXES)
     return sorted(found)
 
 
-def read_list(lines: Iterable[str]) -> list[str]:
-    """Newline-separated paths (as `find` prints them); blank lines ignored."""
-    return [line.rstrip("\r\n") for line in lines if line.strip()]
+def _first_visit(folder: Path, seen: set[tuple[int, int]]) -> bool:
+    try:
+        info = folder.stat()
+    except OSError:  # a dangling link, or a loop of links: nothing to walk
+        return False
+    key = (info.st_dev, info.st_ino)
+    if key in seen:
+        return False
+    seen.add(key)
+    return True
+
+
+def read_list(data: bytes, null: bool = False) -> list[str]:
+    """Paths from a list as `find` prints it: one a line (CR LF too), or NUL-separated with `null`
+    (`find -print0`), so that names holding newlines survive. Empty entries, and blank lines, are
+    ignored. Bytes that are not UTF-8 keep the file's name as the OS has it (os.fsdecode)."""
+    if null:
+        entries = data.split(b"\0")
+    else:
+        entries = [line.removesuffix(b"\r") for line in data.split(b"\n") if line.strip()]
+    return [os.fsdecode(entry) for entry in entries if entry]
 
 
 def make_jobs(files: list[Path], roots: list[Path]) -> list[Job]:

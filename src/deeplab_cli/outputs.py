@@ -4,9 +4,9 @@ Every writer goes through `atomic_write`: the bytes land in a hidden `.<name>.<r
 target and are renamed over it only when complete.
 """
 
-import glob
 import json
 import os
+import re
 import secrets
 import zipfile
 from collections.abc import Callable, Sequence
@@ -71,32 +71,85 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     rename it onto `path`. Creates the parent directories.
 
     Readers and a killed process see either the old file or the complete new one. On any exception
-    the temporary file is removed and the exception propagates (OSErrors unchanged).
+    the temporary file is removed and the exception propagates (OSErrors unchanged). The temporary is
+    locked while it exists, which is how `sweep_temporaries` tells a dead writer's leftovers from a
+    live shard's file.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
-    # O_EXCL never clobbers another file; mode 0o666 lets the umask decide (mkstemp would force 0o600).
-    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+    fd, tmp = _locked_temporary(path)
     try:
         write(tmp)
         # fsync before the rename: after a power loss the target is the old file or the whole new one.
-        fd = os.open(tmp, os.O_RDWR)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        os.fsync(fd)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    finally:
+        os.close(fd)  # releases the lock, only now that the name is gone
 
 
-def remove_stale_temporaries(path: Path) -> None:
-    """Delete what a killed `atomic_write` to `path` left behind. Only for targets that one writer owns
-    (an image's outputs, which shards never share): it would break a concurrent write to the same path."""
-    for stale in Path(path).parent.glob(f".{glob.escape(Path(path).name)}.*.tmp"):
-        stale.unlink(missing_ok=True)
+def _locked_temporary(path: Path) -> tuple[int, Path]:
+    """(open descriptor holding an exclusive lock, name) of a new hidden temporary beside `path`."""
+    while True:
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
+        # O_EXCL never clobbers another file; mode 0o666 lets the umask decide (mkstemp would force 0o600).
+        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666)
+        if _try_lock(fd, blocking=True) is False:
+            return fd, tmp  # no locks on this file system: nothing sweeps, so nothing can race
+        try:
+            # A sweep may have locked and deleted the file between open and lock: then take another name.
+            if os.stat(tmp).st_ino == os.fstat(fd).st_ino:
+                return fd, tmp
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+
+
+def _try_lock(fd: int, blocking: bool) -> bool | None:
+    """flock(LOCK_EX): True when taken, None when another process holds it (non-blocking), False where
+    the platform or file system has no such locks (Windows; some network file systems)."""
+    try:
+        import fcntl
+    except ImportError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+    except BlockingIOError:
+        return None
+    except OSError:  # ENOLCK, ENOSYS, EOPNOTSUPP
+        return False
+    return True
+
+
+_TEMPORARY = re.compile(r"^\..+\.[0-9a-f]{12}\.tmp$")
+
+
+def sweep_temporaries(folder: Path) -> int:
+    """Delete the temporaries that killed writers left under `folder` (an output tree); returns how many.
+
+    A temporary is a dead writer's when its lock can be taken: a live writer, in this run or in another
+    shard writing into the same tree, holds it until its file is renamed into place. Where the file
+    system has no locks nothing is deleted, since a live writer cannot be told apart.
+    """
+    removed = 0
+    for root, _, files in os.walk(folder):
+        for name in files:
+            if not _TEMPORARY.match(name):
+                continue
+            stale = Path(root, name)
+            try:
+                fd = os.open(stale, os.O_RDONLY | os.O_NONBLOCK)
+            except OSError:
+                continue  # gone already, or not ours to open
+            try:
+                if _try_lock(fd, blocking=False):
+                    stale.unlink(missing_ok=True)
+                    removed += 1
+            finally:
+                os.close(fd)
+    return removed
 
 
 def _write_bytes(path: Path, data: bytes) -> None:

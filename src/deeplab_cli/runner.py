@@ -6,6 +6,7 @@ are written atomically, so an image whose outputs all exist is complete and is s
 
 from __future__ import annotations
 
+import errno
 import functools
 import os
 import time
@@ -17,8 +18,9 @@ from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
+from deeplab_cli import stop
 from deeplab_cli.crf import CRFParams, dense_crf
-from deeplab_cli.errors import InputError
+from deeplab_cli.errors import InputError, OutputError
 from deeplab_cli.images import load_image, resize_for_network, resize_to
 from deeplab_cli.inputs import Job
 from deeplab_cli.upsample import caffe_interp, labels_from_scores, resize_probs, softmax
@@ -50,6 +52,7 @@ class Result:
     outputs: list[Path] = field(default_factory=list)
     error: str | None = None
     timings: dict[str, float] = field(default_factory=dict)
+    stops_batch: bool = False  # the error means no later output can be written either (disk full)
 
 
 def output_paths(job: Job, settings: Settings) -> list[Path]:
@@ -109,12 +112,14 @@ def attempt(job: Job, settings: Settings, work: Callable[[dict[str, float]], Non
         work(result.timings)
     except Exception as e:  # one odd file must not end a batch of thousands; it is reported, and exit is 1
         result.status, result.error, result.outputs = "error", _message(job, e), []
+        result.stops_batch = getattr(e, "stops_batch", False)
     return result
 
 
 def _message(job: Job, error: Exception) -> str:
     """One line naming the file: our own errors already do; anything else gets its type and text."""
-    text = str(error) if isinstance(error, InputError) else f"{job.source}: {type(error).__name__}: {error}"
+    ours = isinstance(error, (InputError, OutputError))
+    text = str(error) if ours else f"{job.source}: {type(error).__name__}: {error}"
     return " ".join(text.split())
 
 
@@ -216,6 +221,8 @@ def segment(jobs: Iterable[Job], session, settings: Settings, workers: int = 0,
     loaded = _prefetch(todo, settings, depth=2 * max(1, batch_size))
     if workers == 0:
         for batch in batches_of_equal_size(loaded, batch_size):
+            if stop.requested():
+                return
             if isinstance(batch, Result):
                 yield batch
                 continue
@@ -229,6 +236,8 @@ def segment(jobs: Iterable[Job], session, settings: Settings, workers: int = 0,
 def _pipeline(batches, session, settings: Settings, workers: int) -> Iterator[Result]:
     with _Workers(workers, finish_job, lost=lost_result) as pool:
         for batch in batches:
+            if stop.requested():
+                break
             if isinstance(batch, Result):
                 yield batch
                 continue
@@ -244,14 +253,18 @@ def _pipeline(batches, session, settings: Settings, workers: int) -> Iterator[Re
 
 
 def lost_result(job: Job) -> Result:
-    """The Result of an image whose worker process died twice while processing it."""
+    """The Result of an image whose worker process kept dying while processing it."""
     return Result(job, "error", [], f"{job.source}: the worker process died while processing it (out of memory?)")
 
 
 class _Workers:
     """Spawned processes running `function`. A worker that dies (the kernel's OOM killer, a crash in
     native code) breaks the whole pool: its tasks are given once more to a fresh pool, and a task whose
-    second pool breaks too becomes `lost(first argument)`, so one bad input cannot end the run."""
+    second pool breaks too becomes `lost(first argument)`, so one bad input cannot end the run.
+
+    Workers ignore SIGINT and SIGTERM (a terminal or a scheduler signals the whole process group): the
+    parent decides, through `stop`, what happens to their work. Leaving the block on an exception
+    (`stop.Abandoned`, a closed generator) kills them at once instead of waiting for their tasks."""
 
     def __init__(self, workers: int, function: Callable, lost: Callable,
                  initializer: Callable | None = None, initargs: tuple = ()):
@@ -273,7 +286,16 @@ class _Workers:
         return self
 
     def __exit__(self, *exc):
+        if exc[0] is not None:
+            for process in list(self.pool._processes.values()):  # no public way to end a busy worker
+                process.kill()
         self.pool.shutdown(cancel_futures=exc[0] is not None)
+
+    def cancel_queued(self) -> None:
+        """Drop the tasks no worker has taken yet (on a stop): they are left for a rerun."""
+        for future in list(self.tasks):
+            if future.cancel():
+                del self.tasks[future]
 
     @property
     def in_flight(self) -> int:
@@ -298,6 +320,8 @@ class _Workers:
         from concurrent.futures import FIRST_COMPLETED, wait
         from concurrent.futures.process import BrokenProcessPool
 
+        if stop.requested():
+            self.cancel_queued()
         done, _ = wait(list(self.tasks), timeout=None if block else 0, return_when=FIRST_COMPLETED)
         for future in done:
             args, tries, pool = self.tasks.pop(future)
@@ -358,6 +382,7 @@ def crf_one(job: Job, logits_dir: Path, settings: Settings) -> Result:
 def _start_worker(parent: int, initializer: Callable | None, initargs: tuple) -> None:
     """Worker initializer: exit when the parent is gone (a killed `deeplab`, by SIGKILL or a scheduler's
     time limit, runs no cleanup, and its workers would otherwise wait for tasks forever), then `initializer`."""
+    import signal
     import threading
 
     def watch():
@@ -366,6 +391,8 @@ def _start_worker(parent: int, initializer: Callable | None, initargs: tuple) ->
         os._exit(1)
 
     threading.Thread(target=watch, daemon=True, name="deeplab-parent-watch").start()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, signal.SIG_IGN)
     if initializer:
         initializer(*initargs)
 
@@ -403,10 +430,15 @@ def parallel_map(function: Callable, items: Iterable, jobs: int, lost: Callable,
     if jobs <= 1:
         if initializer:
             initializer(*initargs)
-        yield from map(function, items)
+        for item in items:
+            if stop.requested():
+                return
+            yield function(item)
         return
     with _Workers(jobs, function, lost, initializer, initargs) as pool:
         for item in items:
+            if stop.requested():
+                break
             pool.submit((item,))
             yield from pool.results(block=pool.in_flight >= 2 * jobs)
         while pool.in_flight:
@@ -449,20 +481,27 @@ def lane_job(job: Job, settings: Settings) -> Result:
     return failed or finish_job(job, settings, item.image, item.small, net, _lane_session.model_name, item.timings)
 
 
+# Errors of the output device, not of one file: every later write would fail the same way.
+_DEVICE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS}
+
+
 def write_outputs(job: Job, settings: Settings, *, image, labels, probs, logits, work_size, model) -> None:
-    """Write each requested format for one image; every file appears complete or not at all."""
+    """Write each requested format for one image; every file appears complete or not at all.
+    Raises OutputError naming the file that could not be written."""
     from deeplab_cli import outputs
 
     palette = outputs.voc_palette()
+    writers = {
+        "index": lambda path: outputs.write_index_png(path, labels, palette),
+        "color": lambda path: outputs.write_png(path, outputs.colorize(labels, palette)),
+        "overlay": lambda path: outputs.write_png(path, outputs.overlay(image, labels, palette, settings.alpha)),
+        "probs": lambda path: outputs.write_npz(path, probs=probs.astype(np.float16)),
+        "logits": lambda path: outputs.write_logits(
+            path, outputs.SavedLogits(logits, tuple(work_size), image.shape[:2], model)),
+    }
     for fmt, path in zip(settings.formats, output_paths(job, settings)):
-        outputs.remove_stale_temporaries(path)  # left by a killed run; this job's outputs are ours alone
-        if fmt == "index":
-            outputs.write_index_png(path, labels, palette)
-        elif fmt == "color":
-            outputs.write_png(path, outputs.colorize(labels, palette))
-        elif fmt == "overlay":
-            outputs.write_png(path, outputs.overlay(image, labels, palette, settings.alpha))
-        elif fmt == "probs":
-            outputs.write_npz(path, probs=probs.astype(np.float16))
-        elif fmt == "logits":
-            outputs.write_logits(path, outputs.SavedLogits(logits, tuple(work_size), image.shape[:2], model))
+        try:
+            writers[fmt](path)
+        except OSError as e:
+            raise OutputError(f"{path}: cannot write ({e.strerror or e})",
+                              stops_batch=e.errno in _DEVICE_ERRORS) from None
