@@ -43,8 +43,8 @@ from deeplab_cli.runtime import CUDA, open_session
 from deeplab_cli.upsample import caffe_interp, labels_from_scores, softmax
 
 VOC_SIZE = (375, 500)  # (H, W) of VOC's usual landscape photo; portraits are (500, 375)
-TARGETS = {"serial": 1.3, "pytorch": 1.6, "matmul": 0.85, "outside": 0.05, "labels": 0.999,
-           "gpu fp16": 300.0, "crf bound": 0.9}
+TARGETS = {"serial": 1.5, "pytorch": 1.6, "matmul": 0.85, "outside": 0.05, "labels": 0.999,
+           "gpu fp16": 300.0, "crf bound": 0.9, "tune": 3.0}
 # Variables that change BLAS or OpenMP behaviour: printed, never changed.
 THREAD_ENV_PREFIXES = ("OPENBLAS_", "OMP_", "MKL_", "GOTO", "NVPL_", "ORT_")
 
@@ -286,7 +286,7 @@ def serial_baseline(paths: list[Path], model: Path, out: Path, threads: int) -> 
         probs = softmax(caffe_interp(logits, *image.shape[:2]))
         t3 = time.perf_counter()
         # RGB, as DeepLab's CRF binary read its PPM files (and as deeplab_cli.runner passes it).
-        marginals = dense_crf(image[..., ::-1], probs, params)
+        marginals = dense_crf(image[..., ::-1], probs, params, backend="pydensecrf")
         t4 = time.perf_counter()
         mask = labels_from_scores(marginals)
         t5 = time.perf_counter()
@@ -345,7 +345,7 @@ def pytorch_pipeline(paths: list[Path], weights, out: Path, threads: int) -> tup
             t1 = time.perf_counter()
             probs = scores(image)
             t2 = time.perf_counter()
-            marginals = dense_crf(image[..., ::-1], probs, params)
+            marginals = dense_crf(image[..., ::-1], probs, params, backend="pydensecrf")
             t3 = time.perf_counter()
             mask = labels_from_scores(marginals)
             write_index_png(out / f"{path.stem}.png", mask, palette)
@@ -423,6 +423,39 @@ def crf_alone(paths: list[Path], model: Path, cores: int, count: int) -> Run:
             pass
         seconds = time.perf_counter() - start
     return Run(f"CRF alone, {cores} worker processes", count, seconds, note="the ceiling once the network is free")
+
+
+def crf_tune(images: Path, logits: Path, truth: Path, out: Path, backend: str) -> tuple[float, str]:
+    """Wall clock of one `deeplab crf tune` on its default grid (288 settings) with `backend`, and its table."""
+    command = [sys.executable, "-m", "deeplab_cli", "crf", "tune", str(images), str(logits), "--gt", str(truth),
+               "-o", str(out), "-q", "--crf-backend", backend]
+    start = time.perf_counter()
+    done = subprocess.run(command, capture_output=True, text=True, env=child_env())
+    seconds = time.perf_counter() - start
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(command)} exited {done.returncode}: {done.stderr.strip()[-2000:]}")
+    return seconds, done.stdout
+
+
+def tune_rows(paths: list[Path], model: Path, work: Path, count: int, size: tuple[int, int]) -> tuple[Run, Run, bool]:
+    """`deeplab crf tune` over its default grid on `count` images of `size` (H, W), before (pydensecrf: one
+    CRF per setting, lattices built 288 times) and after (the numba engine: 48 lattices, shared by the
+    weights). Returns the two rows and whether both printed the same table (bit-identical CRFs)."""
+    images = work / "tune-images"
+    images.mkdir()
+    for path in paths[:count]:
+        small = cv2.resize(cv2.imread(str(path)), size[::-1], interpolation=cv2.INTER_AREA)
+        cv2.imwrite(str(images / f"{path.stem}.png"), small)
+    # Logits from the network; the masks of the same run serve as ground truth (any label map times the same).
+    run_segment([images], count, work / "tune-logits", model, ["-f", "logits", "-f", "index", "--no-crf"])
+    rows, tables = [], []
+    for backend in ("pydensecrf", "numba"):
+        seconds, table = crf_tune(images, work / "tune-logits", work / "tune-logits", work / f"tune-{backend}.json",
+                                  backend)
+        rows.append(Run(f"deeplab crf tune --crf-backend {backend}", count, seconds,
+                        note=f"288 settings x {count} images of {size[1]}x{size[0]}, all cores"))
+        tables.append(table)
+    return rows[0], rows[1], tables[0] == tables[1]
 
 
 def copies(paths: list[Path], folder: Path, count: int) -> list[Path]:
@@ -541,6 +574,7 @@ def one_round(k: int, rounds: int, plan: Plan) -> tuple[dict[str, Run], dict[str
         # Subprocesses first, before this process has onnxruntime or torch threads that might still spin.
         segment_rows("segment", "seg-crf", plan.paths, cpu, [])
         segment_rows("no-crf", "seg-nocrf", plan.paths, cpu, ["--no-crf"], "/no-crf")
+        segment_rows("segment pydensecrf", "seg-pydensecrf", plan.paths, cpu, ["--crf-backend", "pydensecrf"])
     progress(f"{tag}: serial baseline")
     runs["serial"], labels["serial"] = measured(serial_baseline, plan.paths, cpu, plan.work / f"serial-{k}",
                                                 plan.threads)
@@ -570,10 +604,13 @@ class Measurements:
     runs: dict[str, Run]  # the fastest of the rounds, row by row
     labels: dict[str, float]  # check name -> fraction of equal pixels
     notes: list[str]
+    crf: list[list[str]] = field(default_factory=list)  # the CRF alone per backend (benchmarks/crf.py)
+    crf_checks: list[list[str]] = field(default_factory=list)
 
 
 LABEL_CHECKS = {  # pipeline -> the check comparing its labels with the serial baseline's
     "segment": "labels: segment == serial, CRF on",
+    "segment pydensecrf": "labels: segment --crf-backend pydensecrf == serial",
     "no-crf": "labels: segment --no-crf == serial argmax",
     "gpu segment": "labels: segment --device cuda == serial (CPU), CRF on",
     "gpu no-crf": "labels: segment --device cuda --no-crf == serial (CPU) argmax",
@@ -581,7 +618,7 @@ LABEL_CHECKS = {  # pipeline -> the check comparing its labels with the serial b
 
 
 def measure(paths: list[Path], weights, work: Path, threads: int, gpu_batch: int, rounds: int,
-            cpu_rows: bool = True) -> Measurements:
+            cpu_rows: bool = True, tune: tuple[int, tuple[int, int]] | None = None) -> Measurements:
     import onnxruntime as ort
 
     notes = []
@@ -608,6 +645,10 @@ def measure(paths: list[Path], weights, work: Path, threads: int, gpu_batch: int
             for key in results[0][0]}
     labels = results[-1][1]
     checks = {name: agreement(labels[key], labels["serial"]) for key, name in LABEL_CHECKS.items() if key in labels}
+    if cpu_rows and tune:
+        progress(f"crf tune on the default grid, {tune[0]} images, with pydensecrf then numba")
+        runs["tune before"], runs["tune after"], same = measured(tune_rows, paths, models["cpu"], work, *tune)
+        checks["crf tune: the same table with either backend"] = float(same)
     if "torch" in labels:
         notes.append(f"labels: PyTorch == serial on {100 * agreement(labels['torch'], labels['serial']):.3f}% of "
                      "pixels (other convolution kernels, so not bit-identical)")
@@ -617,7 +658,8 @@ def measure(paths: list[Path], weights, work: Path, threads: int, gpu_batch: int
 def tables(m: Measurements) -> tuple[list[str], list[list[str]], list[str], list[list[str]], list[str]]:
     """(header, rows, check header, checks, notes) of the report. A check whose rows were not measured
     (no GPU, or --gpu-only) reads SKIP."""
-    order = ("segment", "segment raw", "no-crf", "no-crf raw", "serial", "torch", "network",
+    order = ("segment", "segment raw", "segment pydensecrf", "segment pydensecrf raw", "no-crf", "no-crf raw",
+             "serial", "torch", "network", "tune before", "tune after",
              "gpu fp32", "gpu fp16", "crf cores", "gpu segment", "gpu segment raw", "gpu no-crf", "gpu no-crf raw",
              "blas", "mlas")
     runs = {key: m.runs[key] for key in order if key in m.runs}
@@ -635,6 +677,10 @@ def tables(m: Measurements) -> tuple[list[str], list[list[str]], list[str], list
     checks = [
         check_row("segment / serial baseline (steady state)", ratio("segment", "serial"), TARGETS["serial"], True),
         check_row("segment / PyTorch eager (steady state)", ratio("segment", "torch"), TARGETS["pytorch"], True),
+        check_row("crf tune, default grid: numba / pydensecrf", ratio("tune after", "tune before"),
+                  TARGETS["tune"], True),
+        check_row("crf tune: the same table with either backend",
+                  m.labels.get("crf tune: the same table with either backend"), 1.0, True, percent=True),
         check_row("network GFLOP/s / numpy matmul GFLOP/s", ratio("network", "blas", gflops=True),
                   TARGETS["matmul"], True),
         check_row("time outside network + CRF (serial baseline)", outside, TARGETS["outside"], False, percent=True),
@@ -688,6 +734,10 @@ def main() -> None:
     parser.add_argument("--gpu-batch", type=int, default=8, help="batch of equal-size images on the GPU [8]")
     parser.add_argument("--gpu-only", action="store_true",
                         help="only the GPU rows, and the serial baseline their labels are checked against")
+    parser.add_argument("--tune-images", type=int, default=2,
+                        help="images for the `crf tune` rows, default grid (288 settings) each; 0 leaves them out [2]")
+    parser.add_argument("--tune-size", type=size_argument, default=(120, 160), metavar="WxH",
+                        help="their size: pydensecrf takes the grid 288 times per image [160x120]")
     parser.add_argument("--markdown", type=Path, help="also write the report as markdown to this file")
     args = parser.parse_args()
     if args.images < 2:
@@ -715,7 +765,8 @@ def main() -> None:
                   f"KiB on average): {args.images - portrait} at {width}x{height}, {portrait} at {height}x{width}")
         print(images, flush=True)
         m = measure(paths, random_weights(args.seed), work, threads, args.gpu_batch, args.rounds,
-                    cpu_rows=not args.gpu_only)
+                    cpu_rows=not args.gpu_only,
+                    tune=(min(args.tune_images, args.images), args.tune_size) if args.tune_images else None)
 
     header, rows, check_header, checks, notes = tables(m)
     print(f"\n{text_table(header, rows)}\n\n{text_table(check_header, checks)}\n")

@@ -2,6 +2,7 @@
 report says what it measured. Small images keep it to seconds; the GPU rows run where CUDA is."""
 
 import argparse
+import importlib.util
 import os
 import subprocess
 import sys
@@ -16,7 +17,9 @@ BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))  # spawned CRF workers inherit sys.path, so they find `run` too
 import run as bench  # noqa: E402
 
-SMALL = ["--images", "3", "--rounds", "1", "--size", "80x64"]
+# The baselines are pydensecrf's, as the targets are stated against it.
+needs_pydensecrf = pytest.mark.skipif(importlib.util.find_spec("pydensecrf") is None, reason="pydensecrf is not installed")
+SMALL = ["--images", "3", "--rounds", "1", "--size", "80x64", "--tune-images", "1", "--tune-size", "64x48"]
 
 
 def run_script(*args, cwd):
@@ -25,6 +28,7 @@ def run_script(*args, cwd):
                           env=env, cwd=cwd, timeout=600)
 
 
+@needs_pydensecrf
 @pytest.mark.slow
 def test_the_report_holds_every_row_and_check(tmp_path):
     done = run_script(*SMALL, "--markdown", "report.md", cwd=tmp_path)
@@ -36,7 +40,12 @@ def test_the_report_holds_every_row_and_check(tmp_path):
     # The labels of every pipeline are checked against the serial path's, and agree.
     assert "| labels: segment == serial, CRF on | 100.00% | >= 99.9% | PASS |" in report
     assert "| labels: segment --no-crf == serial argmax | 100.00% | >= 99.9% | PASS |" in report
-    assert "PYTHONPATH=src python benchmarks/run.py --images 3 --rounds 1 --size 80x64" in report
+    assert "| labels: segment --crf-backend pydensecrf == serial | 100.00% | >= 99.9% | PASS |" in report
+    for row in ("| deeplab segment --crf-backend pydensecrf |", "| deeplab crf tune --crf-backend pydensecrf |",
+                "| deeplab crf tune --crf-backend numba |"):
+        assert row in report, row
+    assert "| crf tune: the same table with either backend | 100.00% | >= 100% | PASS |" in report
+    assert f"PYTHONPATH=src python benchmarks/run.py {' '.join(SMALL)}" in report
     assert "3 JPEGs" in report and "3 at 80x64, 0 at 64x80" in report
     gpu_checks = ("GPU network float16, images/s", "segment --device cuda / CRF alone on every core")
     for check in gpu_checks:
@@ -52,6 +61,7 @@ def test_gpu_only_without_cuda_is_a_usage_error(tmp_path):
 
 
 @needs_cuda
+@needs_pydensecrf
 @pytest.mark.slow
 def test_gpu_only_report_on_cuda(tmp_path):
     done = run_script(*SMALL, "--gpu-only", "--markdown", "report.md", cwd=tmp_path)

@@ -379,17 +379,17 @@ def test_an_injected_enospc_stops_the_batch(onnx_model, tmp_path, monkeypatch):
 
     from deeplab_cli import outputs
 
-    real = outputs.write_npz
+    real = outputs.write_npz_streamed
 
-    def full(path, **arrays):
+    def full(path, *args):
         if path.name.startswith("2."):
             def half_then_full(tmp):
                 tmp.write_bytes(b"half")
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
             outputs.atomic_write(path, half_then_full)
-        real(path, **arrays)
+        real(path, *args)
 
-    monkeypatch.setattr(outputs, "write_npz", full)
+    monkeypatch.setattr(outputs, "write_npz_streamed", full)
     out = tmp_path / "m"
     result = segment(eight_photos(tmp_path / "img"), "--out", out, "-m", onnx_model, "--no-crf", "-j", "0",
                      "-f", "probs")
@@ -451,3 +451,85 @@ def test_a_fifo_and_a_symlink_loop_under_r_are_reported_not_waited_on(onnx_model
     assert f"deeplab: {photos}/pipe.png: not a regular file (a FIFO)" in result.stderr.splitlines()
     assert f"deeplab: {photos}/sub/self.jpg: cannot read (Too many levels of symbolic links)" in result.stderr
     assert "8 done, 0 skipped (already done), 2 failed" in result.stderr
+
+
+def test_both_crf_backends_write_the_same_masks(photo_folder, onnx_model, tmp_path):
+    pytest.importorskip("pydensecrf.densecrf")
+    args = (photo_folder / "cats", photo_folder / "dogs", "-m", onnx_model, "-f", "index", "-f", "probs", "-j", "1")
+    assert segment(*args, "--out", tmp_path / "numba").exit_code == 0
+    assert segment(*args, "--out", tmp_path / "ref", "--crf-backend", "pydensecrf").exit_code == 0
+    for name in ("cats/a.png", "dogs/a.png", "cats/a.probs.npz"):
+        assert (tmp_path / "numba" / name).read_bytes() == (tmp_path / "ref" / name).read_bytes(), name
+
+
+def test_help_lists_the_crf_backends():
+    text = CliRunner().invoke(cli, ["segment", "--help"]).output
+    assert "--crf-backend [numba|pydensecrf]" in text
+    for command in (["crf", "--help"], ["crf", "tune", "--help"]):
+        assert "--crf-backend" in CliRunner().invoke(cli, command).output
+
+
+def test_the_pydensecrf_backend_without_pydensecrf_is_one_line_saying_what_to_install(photo_folder, onnx_model,
+                                                                                     tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "pydensecrf", None)
+    monkeypatch.setitem(sys.modules, "pydensecrf.densecrf", None)
+    result = segment(photo_folder, "--out", tmp_path / "m", "-m", onnx_model, "--crf-backend", "pydensecrf")
+    assert result.exit_code == 3
+    assert result.stderr.strip() == ("Error: --crf-backend pydensecrf needs pydensecrf: pip install "
+                                     "'deeplab-cli[pydensecrf]' (it compiles from source, with a C++ compiler, on "
+                                     "Python 3.12 and older)")
+    assert not (tmp_path / "m").exists()  # refused before any work
+
+
+# Big images and bounded memory.
+
+def test_an_image_over_the_pixel_limit_fails_alone_before_decoding(photo_folder, onnx_model, tmp_path, monkeypatch):
+    import cv2 as opencv
+
+    real, decoded = opencv.imdecode, []
+    monkeypatch.setattr(opencv, "imdecode", lambda data, flags: decoded.append(len(data)) or real(data, flags))
+    args = (photo_folder / "cats", photo_folder / "dogs", "-m", onnx_model, "--no-crf", "-j", "0")
+    result = segment(*args, "--out", tmp_path / "a", "--max-pixels", "2000")  # cats/a is 61x45, dogs/a 45x37
+    assert result.exit_code == 1
+    assert (f"deeplab: {photo_folder / 'cats/a.jpg'}: image too large: 61x45 (2,745 pixels) is over the limit of "
+            "2,000 pixels; raise it with --max-pixels or DEEPLAB_MAX_PIXELS") in result.stderr.splitlines()
+    assert len(decoded) == 1  # only dogs/a was decoded
+    assert (tmp_path / "a/dogs/a.png").is_file()
+    from_env = segment(*args, "--out", tmp_path / "b", env={"DEEPLAB_MAX_PIXELS": "2000"})
+    assert from_env.exit_code == 1 and "image too large: 61x45" in from_env.stderr
+    assert segment(*args, "--out", tmp_path / "c", env={"DEEPLAB_MAX_PIXELS": "0"}).exit_code == 0  # no limit
+
+
+def test_lanes_are_capped_by_an_injected_memory_limit_and_every_mask_is_written(photo_folder, onnx_model, tmp_path,
+                                                                              monkeypatch):
+    from deeplab_cli import memory, runner
+    from test_memory import GB, fake_system
+
+    proc, cgroup = fake_system(tmp_path / "sys", ["0::/job"], {"job/memory.max": str(GB), "job/memory.current": "0"},
+                               mem_available_kb=20 * GB // 1024)
+    real = memory.available_memory
+    monkeypatch.setattr(memory, "available_memory", lambda: real(proc, cgroup))  # a 1 GiB cgroup limit
+    monkeypatch.setattr(runner, "usable_cores", lambda: 2)
+    lanes = []
+    real_lanes = runner.segment_lanes
+    monkeypatch.setattr(runner, "segment_lanes", lambda jobs, model, settings, n, threads: lanes.append(n) or
+                        real_lanes(jobs, model, settings, n, threads))
+    result = segment(photo_folder, "-r", "--out", tmp_path / "m", "-m", onnx_model, "--device", "cpu")
+    assert result.exit_code == 1  # the three bad files, as always
+    assert lanes == [1]  # two lanes of ~0.5 GiB each do not fit in 1 GiB
+    notes = [line for line in result.stderr.splitlines() if "instead of" in line]
+    assert notes == ["deeplab: 1 worker instead of 2: 1.0 GiB of memory available, about 0.5 GiB each for 61x45 "
+                     "images"]
+    assert len(result.stdout.splitlines()) == len(GOOD_IMAGES)
+
+
+def test_an_image_too_big_for_the_memory_left_fails_alone(photo_folder, onnx_model, tmp_path, monkeypatch):
+    from deeplab_cli import memory
+
+    monkeypatch.setattr(memory, "available_memory", lambda: 30_000)  # bytes: less than any image needs
+    result = segment(photo_folder / "cats", photo_folder / "dogs", "--out", tmp_path / "m", "-m", onnx_model,
+                     "-j", "0")
+    assert result.exit_code == 1
+    lines = [line for line in result.stderr.splitlines() if "too large for the memory left" in line]
+    assert len(lines) == 2 and lines[0].startswith(f"deeplab: {photo_folder / 'cats/a.jpg'}: too large for the "
+                                                   "memory left (61x45 needs about 0.0 GiB, 0.0 GiB available)")

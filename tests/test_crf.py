@@ -1,12 +1,18 @@
 import json
 
 import numpy as np
-import pydensecrf.densecrf as dcrf
 import pytest
-from pydensecrf.utils import unary_from_softmax
 
-from deeplab_cli.crf import CRFParams, dense_crf
+from deeplab_cli.crf import BACKENDS, CRFParams, check_backend, dense_crf, dense_crf_grid
+from deeplab_cli.errors import RuntimeSetupError
 from deeplab_cli.upsample import softmax
+
+try:
+    import pydensecrf.densecrf as dcrf
+    from pydensecrf.utils import unary_from_softmax
+except ImportError:  # Python 3.13 and later, or installed without the extra
+    dcrf = None
+needs_pydensecrf = pytest.mark.skipif(dcrf is None, reason="pydensecrf is not installed")
 
 HEIGHT, WIDTH, CLASSES = 120, 160, 21
 
@@ -29,6 +35,14 @@ def scene():
     return image, softmax(logits), truth
 
 
+@pytest.fixture(params=BACKENDS)
+def backend(request):
+    """Each backend: the behaviour below holds for both."""
+    if request.param == "pydensecrf" and dcrf is None:
+        pytest.skip("pydensecrf is not installed")
+    return request.param
+
+
 def pydensecrf_deeplab(image, probs, normalization):
     """pydensecrf called directly with DeepLab-LargeFOV's CRF settings, written out literally."""
     n_labels, height, width = probs.shape
@@ -41,18 +55,20 @@ def pydensecrf_deeplab(image, probs, normalization):
     return np.array(crf.inference(10)).reshape(n_labels, height, width)
 
 
+@needs_pydensecrf
 @pytest.mark.parametrize("sharpness", [1, 6])  # 6: confident, many probabilities below 1e-8
-def test_dense_crf_equals_pydensecrf_with_deeplab_settings(scene, sharpness):
+def test_dense_crf_equals_pydensecrf_with_deeplab_settings(scene, sharpness, backend):
     image, probs, _ = scene
     probs = softmax(np.log(probs) * sharpness)
     probs_before = probs.copy()
-    q = dense_crf(image, probs)
+    q = dense_crf(image, probs, backend=backend)
     assert q.shape == probs.shape and q.dtype == np.float32
     np.testing.assert_array_equal(q, pydensecrf_deeplab(image, probs, dcrf.NORMALIZE_AFTER))
     np.testing.assert_allclose(q.sum(axis=0), 1, atol=1e-5)
     np.testing.assert_array_equal(probs, probs_before)  # the input is not modified
 
 
+@needs_pydensecrf
 def test_normalize_after_is_applied_not_pydensecrf_default(scene):
     image, probs, _ = scene
     q = dense_crf(image, probs)
@@ -60,15 +76,15 @@ def test_normalize_after_is_applied_not_pydensecrf_default(scene):
     assert np.abs(q - symmetric).max() > 0.1
 
 
-def test_crf_cleans_up_noisy_labels(scene):
+def test_crf_cleans_up_noisy_labels(scene, backend):
     image, probs, truth = scene
     error_before = np.mean(probs.argmax(axis=0) != truth)
-    error_after = np.mean(dense_crf(image, probs).argmax(axis=0) != truth)
+    error_after = np.mean(dense_crf(image, probs, backend=backend).argmax(axis=0) != truth)
     assert error_before > 0.3
     assert error_after < 0.01
 
 
-def test_crf_two_regions_two_classes():
+def test_crf_two_regions_two_classes(backend):
     rng = np.random.default_rng(1)
     truth = np.zeros((40, 60), np.intp)
     truth[:, 30:] = 1
@@ -77,34 +93,34 @@ def test_crf_two_regions_two_classes():
     p_one = np.clip(np.where(truth == 1, 0.6, 0.4) + rng.normal(0, 0.2, truth.shape), 0.01, 0.99)
     probs = np.stack([1 - p_one, p_one]).astype(np.float32)
     error_before = np.mean(probs.argmax(axis=0) != truth)
-    error_after = np.mean(dense_crf(image, probs).argmax(axis=0) != truth)
+    error_after = np.mean(dense_crf(image, probs, backend=backend).argmax(axis=0) != truth)
     assert error_after < error_before / 4
 
 
-def test_zero_iterations_returns_the_probabilities(scene):
+def test_zero_iterations_returns_the_probabilities(scene, backend):
     image, probs, _ = scene
-    np.testing.assert_allclose(dense_crf(image, probs, CRFParams(iters=0)), probs, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(dense_crf(image, probs, CRFParams(iters=0), backend=backend), probs, rtol=0, atol=1e-6)
 
 
-def test_zero_probabilities_give_finite_marginals(scene):
+def test_zero_probabilities_give_finite_marginals(scene, backend):
     image, probs, _ = scene
     hard = np.zeros_like(probs)
     hard[0] = 1
-    q = dense_crf(image, hard)
+    q = dense_crf(image, hard, backend=backend)
     assert np.isfinite(q).all()
     assert (q.argmax(axis=0) == 0).all()
 
 
-def test_float64_probs_accepted(scene):
+def test_float64_probs_accepted(scene, backend):
     image, probs, _ = scene
-    q64 = dense_crf(image, probs.astype(np.float64))
-    np.testing.assert_allclose(q64, dense_crf(image, probs), rtol=0, atol=1e-6)
+    q64 = dense_crf(image, probs.astype(np.float64), backend=backend)
+    np.testing.assert_allclose(q64, dense_crf(image, probs, backend=backend), rtol=0, atol=1e-6)
 
 
-def test_zero_kernel_weights_leave_the_probabilities(scene):
+def test_zero_kernel_weights_leave_the_probabilities(scene, backend):
     image, probs, _ = scene
     no_pairwise = CRFParams(bi_w=0.0, pos_w=0.0)
-    np.testing.assert_allclose(dense_crf(image, probs, no_pairwise), probs, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(dense_crf(image, probs, no_pairwise, backend=backend), probs, rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize(
@@ -118,9 +134,9 @@ def test_zero_kernel_weights_leave_the_probabilities(scene):
         ((12, 16, 3), np.uint8, (0, 12, 16)),  # no classes
     ],
 )
-def test_dense_crf_rejects_bad_shapes(image_shape, image_dtype, probs_shape):
+def test_dense_crf_rejects_bad_shapes(image_shape, image_dtype, probs_shape, backend):
     with pytest.raises(ValueError):
-        dense_crf(np.zeros(image_shape, image_dtype), np.full(probs_shape, 0.5, np.float32))
+        dense_crf(np.zeros(image_shape, image_dtype), np.full(probs_shape, 0.5, np.float32), backend=backend)
 
 
 def test_default_params_are_deeplab_largefov():
@@ -169,12 +185,43 @@ def test_params_from_dict_rejects_bad_entries(mapping, key):
         CRFParams.from_dict(mapping)
 
 
-def test_marginals_can_be_refined_again():
+def test_marginals_can_be_refined_again(backend):
     # dense_crf returns a pixel-major view; feeding it back (or any strided probs) must work.
     rng = np.random.default_rng(3)
     image = rng.integers(0, 255, (4, 5, 3), dtype=np.uint8)
     probs = rng.dirichlet(np.ones(3), size=(4, 5)).transpose(2, 0, 1).astype(np.float32)
-    once = dense_crf(image, probs, CRFParams(iters=2))
+    once = dense_crf(image, probs, CRFParams(iters=2), backend=backend)
     assert not once.flags.c_contiguous
-    twice = dense_crf(image, once, CRFParams(iters=2))
+    twice = dense_crf(image, once, CRFParams(iters=2), backend=backend)
     assert twice.shape == (3, 4, 5) and np.allclose(twice.sum(0), 1, atol=1e-5)
+
+
+def test_a_grid_gives_what_each_setting_gives_alone_and_builds_each_lattice_once(scene, backend, monkeypatch):
+    from deeplab_cli import meanfield
+
+    image, probs, _ = scene
+    settings = [CRFParams(bi_w=w, bi_xy_std=xy, bi_rgb_std=rgb, iters=3)
+                for xy in (50.0, 60.0) for rgb in (3.0, 4.0) for w in (4.0, 5.0, 6.0)]
+    prepared = []
+    real = meanfield.prepare
+    monkeypatch.setattr(meanfield, "prepare", lambda *args: prepared.append(args[1]) or real(*args))
+    grid = list(dense_crf_grid(image, probs, settings, backend=backend))
+    if backend == "numba":
+        assert len(prepared) == 4  # one per (sigma_alpha, sigma_beta), not one per setting
+    for q, p in zip(grid, settings, strict=True):
+        np.testing.assert_array_equal(q, dense_crf(image, probs, p, backend=backend))
+
+
+def test_threads_do_not_change_the_marginals(scene):
+    image, probs, _ = scene
+    np.testing.assert_array_equal(dense_crf(image, probs, threads=2), dense_crf(image, probs, threads=1))
+
+
+def test_pydensecrf_backend_missing_says_what_to_install(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "pydensecrf", None)  # as where it is not installed
+    monkeypatch.setitem(sys.modules, "pydensecrf.densecrf", None)
+    with pytest.raises(RuntimeSetupError, match=r"pip install 'deeplab-cli\[pydensecrf\]'"):
+        check_backend("pydensecrf")
+    check_backend("numba")  # the default needs nothing more

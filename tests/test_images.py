@@ -11,8 +11,9 @@ import pytest
 from PIL import Image, ImageOps, PngImagePlugin
 
 from conftest import natural_image
-from deeplab_cli.errors import InputError
-from deeplab_cli.images import load_image, resize_for_network
+from deeplab_cli import images
+from deeplab_cli.errors import InputError, UsageError
+from deeplab_cli.images import DEFAULT_MAX_PIXELS, load_image, max_pixels_from_env, resize_for_network
 
 ORIENTATION = 0x0112
 
@@ -238,12 +239,107 @@ def png_chunk(kind, payload):
     return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
 
 
-def test_absurd_size_is_refused(tmp_path):
-    header = struct.pack(">IIBBBBB", 100_000, 100_000, 8, 2, 0, 0, 0)
-    data = (b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", header)
+def png_declaring(width, height):
+    """A valid, tiny PNG whose header declares width x height (a decompression bomb's shape)."""
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", header)
             + png_chunk(b"IDAT", zlib.compress(b"\0" * 64)) + png_chunk(b"IEND", b""))
-    (tmp_path / "huge.png").write_bytes(data)
+
+
+def jpeg_declaring(tmp_path, width, height):
+    """A real small JPEG whose start-of-frame is patched to declare width x height."""
+    cv2.imwrite(str(tmp_path / "small.jpg"), natural_image(16, 16))
+    data = bytearray((tmp_path / "small.jpg").read_bytes())
+    sof = data.index(b"\xff\xc0")
+    data[sof + 5:sof + 9] = struct.pack(">HH", height, width)
+    return bytes(data)
+
+
+@pytest.fixture
+def no_decoding(monkeypatch):
+    """Fails the test if anything reaches OpenCV's decoder."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("cv2.imdecode was called")
+
+    monkeypatch.setattr(images.cv2, "imdecode", refuse)
+
+
+def test_absurd_size_is_refused(tmp_path):
+    (tmp_path / "huge.png").write_bytes(png_declaring(100_000, 100_000))
     expect_error(tmp_path / "huge.png", "too large")
+
+
+def test_decompression_bomb_is_refused_from_its_header_before_decoding(tmp_path, no_decoding):
+    (tmp_path / "bomb.png").write_bytes(png_declaring(100_000, 100_000))
+    message = expect_error(tmp_path / "bomb.png", "too large", "100000x100000", "(10,000 MP)", "limit of 500 MP",
+                           "--max-pixels", "DEEPLAB_MAX_PIXELS")
+    assert message == (f"{tmp_path / 'bomb.png'}: image too large: 100000x100000 (10,000 MP) is over the limit "
+                       "of 500 MP; raise it with --max-pixels or DEEPLAB_MAX_PIXELS")
+    (tmp_path / "bomb.jpg").write_bytes(jpeg_declaring(tmp_path, 60_000, 40_000))
+    expect_error(tmp_path / "bomb.jpg", "60000x40000", "(2,400 MP)")
+
+
+def test_the_limit_counts_pixels_of_any_shape(tmp_path, no_decoding):
+    (tmp_path / "strip.png").write_bytes(png_declaring(1_000_000, 501))  # 501 MP in a strip
+    expect_error(tmp_path / "strip.png", "1000000x501")
+
+
+def test_a_20000_pixel_square_scan_is_under_the_default_limit():
+    assert 20_000 * 20_000 <= DEFAULT_MAX_PIXELS < 100_000 * 100_000
+
+
+def test_the_limit_is_the_callers(tmp_path):
+    cv2.imwrite(str(tmp_path / "photo.png"), natural_image(300, 200))  # 60,000 pixels
+    with pytest.raises(InputError, match=r"200x300 \(60,000 pixels\) is over the limit of 59,999 pixels"):
+        load_image(tmp_path / "photo.png", max_pixels=59_999)
+    assert load_image(tmp_path / "photo.png", max_pixels=60_000).shape == (300, 200, 3)
+    assert load_image(tmp_path / "photo.png", max_pixels=None).shape == (300, 200, 3)
+    assert load_image(tmp_path / "photo.png", max_pixels=0).shape == (300, 200, 3)
+
+
+@pytest.mark.skipif(int(os.environ.get("OPENCV_IO_MAX_IMAGE_PIXELS", 1 << 30)) >= 2_400_000_000,
+                    reason="OpenCV's limit is raised here: the test would allocate 7 GB")
+def test_raising_the_limit_lets_the_header_check_pass_to_opencv(tmp_path):
+    # 2.4 GP is beyond OpenCV's own limit (2^30 unless raised): with deeplab's lifted, OpenCV's speaks.
+    (tmp_path / "huge.png").write_bytes(png_declaring(60_000, 40_000))
+    with pytest.raises(InputError, match="OpenCV's limit") as info:
+        load_image(tmp_path / "huge.png", max_pixels=None)
+    assert "DEEPLAB_MAX_PIXELS" in str(info.value) and "\n" not in str(info.value)
+
+
+def test_rotated_jpeg_is_measured_as_stored(tmp_path):
+    exif = Image.Exif()
+    exif[ORIENTATION] = 6
+    Image.fromarray(rgb_image(30, 40)).save(tmp_path / "r.jpg", exif=exif)
+    assert load_image(tmp_path / "r.jpg", max_pixels=1200).shape == (40, 30, 3)
+    with pytest.raises(InputError, match="40x30"):
+        load_image(tmp_path / "r.jpg", max_pixels=1199)
+
+
+def test_max_pixels_from_env():
+    assert max_pixels_from_env({}) == DEFAULT_MAX_PIXELS
+    assert max_pixels_from_env({"DEEPLAB_MAX_PIXELS": " 2_000_000_000 "}) == 2_000_000_000
+    assert max_pixels_from_env({"DEEPLAB_MAX_PIXELS": "0"}) is None
+    for bad in ("-1", "500M", "1e9"):
+        with pytest.raises(UsageError, match="DEEPLAB_MAX_PIXELS"):
+            max_pixels_from_env({"DEEPLAB_MAX_PIXELS": bad})
+
+
+@pytest.mark.parametrize("env, expected", [
+    ({}, str(1 << 30)),  # OpenCV's default stays where deeplab's limit is below it
+    ({"DEEPLAB_MAX_PIXELS": "2000000000"}, "2000000000"),
+    ({"DEEPLAB_MAX_PIXELS": "0"}, str(1 << 40)),
+    ({"DEEPLAB_MAX_PIXELS": "0", "OPENCV_IO_MAX_IMAGE_PIXELS": "12345"}, "12345"),  # the user's own wins
+])
+def test_opencv_limit_is_raised_before_cv2_loads(env, expected):
+    script = ("import os, deeplab_cli, cv2\n"
+              "print(os.environ['OPENCV_IO_MAX_IMAGE_PIXELS'])\n")
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    base = {k: v for k, v in os.environ.items() if k not in ("DEEPLAB_MAX_PIXELS", "OPENCV_IO_MAX_IMAGE_PIXELS")}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          env={**base, **env, "PYTHONPATH": src})
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == expected
 
 
 def test_failures_print_nothing(tmp_path):
@@ -310,3 +406,29 @@ def test_resize_averages_when_shrinking():
 def test_resize_rejects_nonpositive_size():
     with pytest.raises(ValueError):
         resize_for_network(np.zeros((4, 4, 3), np.uint8), 0)
+
+
+def test_header_size_reads_only_the_header(tmp_path, no_decoding):
+    (tmp_path / "bomb.png").write_bytes(png_declaring(100_000, 70_000))
+    cv2.imwrite(str(tmp_path / "photo.jpg"), natural_image(30, 45))
+    assert images.header_size(tmp_path / "bomb.png") == (100_000, 70_000)
+    assert images.header_size(tmp_path / "photo.jpg") == (45, 30)
+    (tmp_path / "notes.png").write_text("text")
+    assert images.header_size(tmp_path / "notes.png") is None
+    assert images.header_size(tmp_path / "missing.png") is None
+
+
+@pytest.mark.parametrize("content", [b"", b"BM", b"\x89PNG", b"not an image at all"])
+def test_header_size_of_short_or_foreign_files_is_unknown_not_an_error(tmp_path, content):
+    from deeplab_cli.images import header_size
+
+    (tmp_path / "x.png").write_bytes(content)
+    assert header_size(tmp_path / "x.png") is None
+    assert header_size(tmp_path / "missing.png") is None
+
+
+def test_header_size_of_a_fifo_is_unknown_at_once(tmp_path):
+    from deeplab_cli.images import header_size
+
+    os.mkfifo(tmp_path / "pipe.png")
+    assert header_size(tmp_path / "pipe.png") is None  # no writer: a blocking open would never return

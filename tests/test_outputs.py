@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import files_in
 from deeplab_cli.errors import InputError
 from deeplab_cli.outputs import (
     VOC_CLASSES,
@@ -21,6 +22,7 @@ from deeplab_cli.outputs import (
     write_classes_json,
     write_index_png,
     write_npz,
+    write_npz_streamed,
     write_png,
 )
 
@@ -163,6 +165,42 @@ def test_npz_round_trip_keeps_dtypes(tmp_path):
         assert data["probs"].dtype == np.float16 and data["labels"].dtype == np.uint8
         np.testing.assert_array_equal(data["probs"], probs)
         np.testing.assert_array_equal(data["labels"], labels)
+
+
+def test_streamed_npz_loads_as_the_whole_array_written_at_once(tmp_path):
+    probs = np.random.default_rng(0).random((21, 37, 53), dtype=np.float32).astype(np.float16)
+    write_npz(tmp_path / "whole.npz", probs=probs)
+    # Uneven chunks, in C order: class by class, rows in runs of 5 (37 is not a multiple).
+    chunks = (probs[c, y:y + 5] for c in range(21) for y in range(0, 37, 5))
+    write_npz_streamed(tmp_path / "streamed.npz", "probs", probs.shape, np.float16, chunks)
+    with np.load(tmp_path / "whole.npz") as whole, np.load(tmp_path / "streamed.npz") as streamed:
+        assert streamed.files == whole.files == ["probs"]
+        assert streamed["probs"].dtype == np.float16 and streamed["probs"].shape == (21, 37, 53)
+        np.testing.assert_array_equal(streamed["probs"], whole["probs"])
+    assert files_in(tmp_path) == ["streamed.npz", "whole.npz"]  # no temporaries left
+
+
+def test_streamed_npz_of_banded_probabilities_equals_todays_probs_output(tmp_path):
+    from deeplab_cli.upsample import prob_chunks, resize_probs, softmax
+
+    small = softmax(np.random.default_rng(1).standard_normal((21, 23, 31)).astype(np.float32))
+    write_npz(tmp_path / "old.npz", probs=resize_probs(small, 181, 247).astype(np.float16))
+    write_npz_streamed(tmp_path / "new.npz", "probs", (21, 181, 247), np.float16,
+                       prob_chunks(small, 181, 247, band_bytes=1 << 14))
+    with np.load(tmp_path / "old.npz") as old, np.load(tmp_path / "new.npz") as new:
+        np.testing.assert_array_equal(new["probs"], old["probs"])
+
+
+@pytest.mark.parametrize("chunks, message", [
+    ([np.zeros((2, 3), np.float16)] * 3, "hold 18 elements"),  # too few
+    ([np.zeros((2, 3), np.float16)] * 5, "more than the 24"),  # too many
+    ([np.zeros((2, 3), np.float32)] * 4, "dtype float32"),
+])
+def test_streamed_npz_refuses_chunks_that_do_not_make_the_array(tmp_path, chunks, message):
+    (tmp_path / "out.npz").write_bytes(b"old")
+    with pytest.raises(ValueError, match=message):
+        write_npz_streamed(tmp_path / "out.npz", "probs", (2, 2, 6), np.float16, iter(chunks))
+    assert files_in(tmp_path) == ["out.npz"] and (tmp_path / "out.npz").read_bytes() == b"old"
 
 
 def test_classes_json(tmp_path):

@@ -6,7 +6,6 @@ from pathlib import Path
 
 import cv2
 import pytest
-import yaml
 
 from conftest import natural_image
 from deeplab_cli import registry
@@ -79,6 +78,7 @@ def test_slurm_recipe_covers_the_folder_and_reruns_resume(shared_home, photos, t
 
 
 def test_kubernetes_indexed_job_command(shared_home, photos, tmp_path):
+    yaml = pytest.importorskip("yaml")
     job = yaml.safe_load((EXAMPLES / "k8s-indexed-job.yaml").read_text())
     spec = job["spec"]
     container = spec["template"]["spec"]["containers"][0]

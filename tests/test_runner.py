@@ -240,3 +240,12 @@ def test_an_input_that_kills_its_worker_every_time_is_reported_not_retried_forev
     assert ("lost", 3) in results
     accounted = sorted(r[1] if isinstance(r, tuple) else r // 10 for r in results)
     assert accounted == list(range(6))  # each input exactly once, done or reported
+
+
+def test_the_crf_gets_the_cores_no_other_image_is_using(monkeypatch, tmp_path):
+    monkeypatch.setattr(runner, "usable_cores", lambda: 8)
+    settings = runner.Settings(out=tmp_path)
+    assert runner.sharing_cores(settings, 0).crf_threads == 8  # one process, one image at a time
+    assert runner.sharing_cores(settings, 2).crf_threads == 4  # `deeplab crf` on two files
+    assert runner.sharing_cores(settings, 8).crf_threads == 1
+    assert runner.sharing_cores(settings, 16).crf_threads == 1

@@ -54,15 +54,19 @@ def environment():
     return {**os.environ, "PYTHONPATH": os.pathsep.join([SRC, os.environ.get("PYTHONPATH", "")])}
 
 
-def interrupt(cmd, signum, after_results=1):
-    """Run `cmd`, send `signum` once `after_results` results are out; (exit code, stderr, seconds to exit,
-    worker pids still alive a moment later)."""
-    child = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=environment())
+def interrupt(cmd, signum, after_results=1, group=False):
+    """Run `cmd`, send `signum` once `after_results` results are out (to every process of the run with
+    `group`, as SLURM does); (exit code, stderr, seconds to exit, worker pids still alive a moment later)."""
+    child = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=environment(),
+                             start_new_session=group)
     for _ in range(after_results):
         assert child.stdout.readline(), child.stderr.read().decode()
     workers = children_of(child.pid)
     sent = time.monotonic()
-    child.send_signal(signum)
+    if group:
+        os.killpg(child.pid, signum)
+    else:
+        child.send_signal(signum)
     _, err = child.communicate(timeout=60)
     seconds = time.monotonic() - sent
     alive = workers
@@ -118,6 +122,17 @@ def test_ctrl_c_with_no_grace_drops_work_in_flight_exits_130_and_leaves_no_tempo
     assert "Traceback" not in err and "stopped (SIGINT)" in err
     assert seconds < 10  # abandoned at once: no CRF was waited for
     assert not alive
+    assert_only_complete_files(out)
+    assert_rerun_completes(cmd, out)
+
+
+def test_sigterm_to_every_process_of_the_run_still_exits_143_with_complete_files(photos, onnx_model, tmp_path):
+    out = tmp_path / "m"
+    cmd = command(photos, out, "-m", onnx_model, "-j", "2", "--grace", "60")
+    code, err, seconds, alive = interrupt(cmd, signal.SIGTERM, group=True)
+    assert code == 143, err
+    assert "Traceback" not in err and "stopped (SIGTERM)" in err
+    assert seconds < 30 and not alive
     assert_only_complete_files(out)
     assert_rerun_completes(cmd, out)
 

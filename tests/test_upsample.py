@@ -150,3 +150,184 @@ def test_resize_probs_single_class_and_same_size():
     np.testing.assert_array_equal(resize_probs(probs, 8, 10), np.ones((1, 8, 10), np.float32))
     same = np.random.default_rng(7).random((3, 4, 5)).astype(np.float32)
     np.testing.assert_array_equal(resize_probs(same, 4, 5), same)
+
+
+# --- the banded way back to the image size -----------------------------------------------------------
+
+from fractions import Fraction  # noqa: E402
+
+import cv2  # noqa: E402
+
+from deeplab_cli import upsample  # noqa: E402
+from deeplab_cli.upsample import banding_is_exact, label_bands, labels_at_size, prob_chunks  # noqa: E402
+
+
+def smooth_probs(classes, height, width, seed=0, sharpness=12.0):
+    """Softmax of smooth random fields: segments with borders, like a network's output."""
+    rng = np.random.default_rng(seed)
+    fields = rng.standard_normal((classes, max(2, height // 6), max(2, width // 6))).astype(np.float32)
+    logits = np.stack([cv2.resize(f, (width, height), interpolation=cv2.INTER_CUBIC) for f in fields])
+    return softmax(logits * sharpness)
+
+
+def tied_probs(classes, height, width, seed=0):
+    """Few distinct values, and the last class a copy of the first: exact ties everywhere."""
+    probs = np.random.default_rng(seed).choice(np.array([0, 0.25, 0.5, 1], np.float32), (classes, height, width))
+    probs[-1] = probs[0]
+    return probs
+
+
+SIZES = [
+    # (C, h, w) -> (H, W)
+    ((21, 43, 64), (342, 509)),  # upscaling by a non-integer factor, prime width
+    ((21, 64, 43), (509, 342)),
+    ((21, 1, 31), (1, 257)),  # one row
+    ((21, 31, 1), (257, 1)),  # one column (cv2 takes other code: the exact fallback)
+    ((21, 1, 1), (7, 11)),
+    ((1, 13, 17), (101, 103)),  # one class
+    ((3, 41, 37), (20, 19)),  # downscaling
+    ((5, 40, 40), (20, 20)),  # downscaling by exactly 2
+    ((21, 29, 31), (97, 13)),  # up one way, down the other
+    ((21, 50, 60), (50, 60)),  # same size
+]
+
+
+@pytest.mark.parametrize("shape, size", SIZES)
+@pytest.mark.parametrize("make", [smooth_probs, tied_probs])
+@pytest.mark.parametrize("band_bytes", [1, 1 << 16, upsample.BAND_BYTES])
+def test_labels_at_size_equal_the_full_map(shape, size, make, band_bytes):
+    probs = make(*shape)
+    expected = labels_from_scores(resize_probs(probs, *size))
+    np.testing.assert_array_equal(labels_at_size(probs, *size, band_bytes=band_bytes), expected)
+
+
+@pytest.mark.parametrize("shape, size", SIZES)
+@pytest.mark.parametrize("band_bytes", [1, 1 << 16])
+def test_prob_chunks_equal_the_full_map_in_npy_order(shape, size, band_bytes):
+    probs = smooth_probs(*shape)
+    full = resize_probs(probs, *size)
+    chunks = list(prob_chunks(probs, *size, dtype=np.float32, band_bytes=band_bytes))
+    assert all(c.dtype == np.float32 and c.ndim == 2 and c.shape[1] == size[1] for c in chunks)
+    np.testing.assert_array_equal(np.concatenate([c.ravel() for c in chunks]), full.ravel())
+    half = np.concatenate([c.ravel() for c in prob_chunks(probs, *size, band_bytes=band_bytes)])
+    assert half.dtype == np.float16
+    np.testing.assert_array_equal(half, full.astype(np.float16).ravel())
+
+
+def test_label_bands_cover_the_rows_in_order():
+    probs = smooth_probs(21, 43, 64)
+    bands = list(label_bands(probs, 997, 1283, band_bytes=1 << 18))  # 997: prime, no band divides it
+    assert len(bands) > 3
+    starts = [y0 for y0, _ in bands]
+    ends = [y0 + band.shape[0] for y0, band in bands]
+    assert starts[0] == 0 and ends[-1] == 997 and starts[1:] == ends[:-1]
+    assert all(band.dtype == np.uint8 and band.shape[1] == 1283 for _, band in bands)
+
+
+def test_ties_go_to_the_first_class():
+    probs = np.full((3, 4, 5), 0.25, np.float32)
+    probs[1] = probs[2] = 0.375  # classes 1 and 2 tie everywhere, above class 0
+    labels = labels_at_size(probs, 37, 41)
+    assert (labels == 1).all()
+    np.testing.assert_array_equal(labels, labels_from_scores(resize_probs(probs, 37, 41)))
+
+
+def test_crf_like_marginals_and_noise_equal_the_full_map():
+    # Peaked marginals (most cells decided without arithmetic) and pure noise (nearly none).
+    peaked = smooth_probs(21, 57, 85, seed=3, sharpness=200.0)
+    noise = softmax(np.random.default_rng(4).standard_normal((21, 57, 85)).astype(np.float32))
+    for probs in (peaked, noise):
+        np.testing.assert_array_equal(labels_at_size(probs, 451, 677),
+                                      labels_from_scores(resize_probs(probs, 451, 677)))
+
+
+def test_non_contiguous_probs_as_the_crf_returns_them():
+    probs = np.ascontiguousarray(smooth_probs(21, 30, 40).transpose(1, 2, 0)).transpose(2, 0, 1)
+    assert not probs.flags.c_contiguous
+    np.testing.assert_array_equal(labels_at_size(probs, 211, 307), labels_from_scores(resize_probs(probs, 211, 307)))
+
+
+def test_exact_fallbacks_equal_the_full_map(monkeypatch):
+    # Where cv2's arithmetic matches no known form, cv2 itself computes (more memory, same numbers).
+    monkeypatch.setattr(upsample, "_plan", lambda *size: upsample._Plan(None, None, None))
+    probs = smooth_probs(21, 43, 64)
+    full = resize_probs(probs, 342, 509)
+    np.testing.assert_array_equal(labels_at_size(probs, 342, 509, band_bytes=1 << 14), labels_from_scores(full))
+    chunks = np.concatenate([c.ravel() for c in prob_chunks(probs, 342, 509, dtype=np.float32)])
+    np.testing.assert_array_equal(chunks, full.ravel())
+
+
+@pytest.mark.skipif(not cv2.ipp.useIPP(), reason="the measured forms are those of OpenCV's IPP build")
+def test_working_sizes_take_the_fast_path():
+    for probs_hw, size in [((342, 513), (4000, 6000)), ((513, 513), (20000, 20000)), ((385, 513), (3024, 4032)),
+                           ((2, 2), (1000, 1000))]:
+        assert banding_is_exact(probs_hw, size)
+    assert upsample._plan(342, 513, 4000, 6000).form == "lerp_fma"
+
+
+def test_memory_is_bounded_by_a_band():
+    import tracemalloc
+
+    probs = smooth_probs(21, 60, 80)
+    labels_at_size(probs, 60, 81)  # cv2 and numpy warmed, so their one-off allocations are not counted
+    tracemalloc.start()
+    try:
+        labels = labels_at_size(probs, 1500, 2000, band_bytes=1 << 20)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    full_map = 21 * 1500 * 2000 * 4  # what resize_probs holds: 252 MB
+    assert peak < labels.nbytes + 12 * (1 << 20), peak  # the labels (3 MB) and a few bands
+    assert peak < full_map / 15
+
+
+def test_banded_functions_reject_bad_input():
+    with pytest.raises(ValueError, match="finite"):
+        labels_at_size(np.full((2, 3, 3), np.nan, np.float32), 5, 5)
+    with pytest.raises(ValueError):
+        labels_at_size(np.zeros((3, 3), np.float32), 5, 5)
+    with pytest.raises(ValueError):
+        next(prob_chunks(np.zeros((2, 3, 3), np.float32), 0, 5))
+
+
+def exact_fma(x, y, z):
+    """x * y + z rounded once to float32 (nearest, ties to even), from exact rationals."""
+    exact = Fraction(float(x)) * Fraction(float(y)) + Fraction(float(z))
+    guess = np.float32(float(exact))  # within one float32 step of the answer
+    steps = [np.nextafter(guess, np.float32(-np.inf)), guess, np.nextafter(guess, np.float32(np.inf))]
+    return min(steps, key=lambda f: (abs(Fraction(float(f)) - exact), int(np.float32(f).view(np.uint32)) & 1))
+
+
+def test_fma32_rounds_once():
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal(2000).astype(np.float32)
+    y = rng.random(2000, dtype=np.float32)
+    z = rng.standard_normal(2000).astype(np.float32)
+    # x * y = 2^-24 - 2^-60 added to 1 + 2^-23: float64 rounds the sum to the midpoint 1 + 2^-23 + 2^-24,
+    # where float32's ties-to-even then goes up, though the exact sum lies below it; the same negated;
+    # and a float32 subnormal result.
+    x[:3] = [np.float32(2.0 ** -24 * (1 + 2.0 ** -18)), np.float32(-(2.0 ** -24) * (1 + 2.0 ** -18)),
+             np.float32(2.0 ** -140)]
+    y[:3] = [np.float32(1 - 2.0 ** -18), np.float32(1 - 2.0 ** -18), 0.75]
+    z[:3] = [np.float32(1 + 2.0 ** -23), np.float32(-(1 + 2.0 ** -23)), np.float32(2.0 ** -140)]
+    got = upsample._fma32(x, y, z)
+    expected = np.array([exact_fma(*v) for v in zip(x, y, z)], np.float32)
+    np.testing.assert_array_equal(got, expected)
+    plain = (x.astype(np.float64) * y + z).astype(np.float32)
+    assert (plain[:2] != expected[:2]).all()  # the constructed cases do defeat rounding twice
+
+
+def test_to_float16_equals_numpys_conversion():
+    rng = np.random.default_rng(6)
+    patterns = rng.integers(0, 2**32, 1_000_000, dtype=np.uint64).astype(np.uint32).view(np.float32)
+    # Every float32 from 2^-26 to 2^-13 in steps of 37 ulps: float16's subnormals, its smallest normal,
+    # the halfway points between them (ties to even) and the values that round to zero.
+    dense = np.arange(np.float32(2.0 ** -26).view(np.uint32), np.float32(2.0 ** -13).view(np.uint32), 37,
+                      dtype=np.uint32).view(np.float32)
+    values = np.concatenate([patterns[np.isfinite(patterns)], dense, -dense,
+                             np.float32([0, -0.0, 2.0 ** -25, 2.0 ** -24, 3 * 2.0 ** -25, 65504, 65520, 1e-45])])
+    with np.errstate(over="ignore"):  # 65520 and up overflow to inf, with numpy's warning, in both
+        expected = values.astype(np.float16)
+        got = upsample._to_float16(values)
+    assert got.dtype == np.float16
+    np.testing.assert_array_equal(got.view(np.uint16), expected.view(np.uint16))

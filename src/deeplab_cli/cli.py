@@ -72,6 +72,8 @@ batch_options = _options(
     click.option("-q", "--quiet", is_flag=True, help="No progress bar or summary."),
     click.option("--grace", type=click.FloatRange(min=0), default=5.0, show_default=True, metavar="SECONDS",
                  help="On SIGTERM or Ctrl-C, how long images in flight may take to finish before they are dropped."),
+    click.option("--max-pixels", type=click.IntRange(min=0), envvar="DEEPLAB_MAX_PIXELS", show_envvar=True,
+                 help="Refuse larger images before decoding them [500000000, a 20000x20000 scan passes]; 0: no limit."),
 )
 
 output_options = _options(
@@ -84,6 +86,9 @@ output_options = _options(
 jobs_option = click.option("-j", "--jobs", type=click.IntRange(min=1), help="CPU worker processes [all cores].")
 
 crf_options = _options(
+    click.option("--crf-backend", type=click.Choice(["numba", "pydensecrf"]), default="numba", show_default=True,
+                 help="What computes the CRF: numba, the project's engine (every core, exact), or pydensecrf, the "
+                      "reference it matches bit for bit (pip install 'deeplab-cli[pydensecrf]')."),
     click.option("--crf-params", type=click.Path(exists=True, dir_okay=False, path_type=Path),
                  help="JSON file of CRF settings (as `deeplab crf tune` writes); options below override it."),
     click.option("--crf-iters", "--iters", type=click.IntRange(min=0), help="Mean-field iterations [10]."),
@@ -116,6 +121,13 @@ def crf_settings(base: dict, params_file: Path | None, options: dict):
         return CRFParams.from_dict(settings)
     except ValueError as e:
         raise click.BadParameter(str(e), param_hint="--crf-params") from None
+
+
+def pixel_limit(max_pixels: int | None) -> int | None:
+    """--max-pixels (or DEEPLAB_MAX_PIXELS) -> the limit: the default when unset, None (no limit) for 0."""
+    from deeplab_cli.images import DEFAULT_MAX_PIXELS
+
+    return DEFAULT_MAX_PIXELS if max_pixels is None else (max_pixels or None)
 
 
 def gather_jobs(inputs: tuple[str, ...], recursive: bool, shard_text: str | None, null: bool = False):
@@ -245,8 +257,8 @@ def _download_progress():
 @output_options
 @click.option("--crf/--no-crf", default=True, show_default=True, help="Refine with the fully connected CRF.")
 @crf_options
-def segment(inputs, out, recursive, null, overwrite, shard, as_json, quiet, grace, model, device, threads, jobs, batch_size,
-            max_size, pad_to, fp16, engine, address, formats, alpha, crf, crf_params, **crf_opts):
+def segment(inputs, out, recursive, null, overwrite, shard, as_json, quiet, grace, max_pixels, model, device, threads, jobs, batch_size,
+            max_size, pad_to, fp16, engine, address, formats, alpha, crf, crf_backend, crf_params, **crf_opts):
     """Segment images: files, folders, or `-` for a list of paths on stdin.
 
     \b
@@ -255,6 +267,7 @@ def segment(inputs, out, recursive, null, overwrite, shard, as_json, quiet, grac
       find data -name '*.jpg' -print0 | deeplab segment -0 - --out masks/
     """
     from deeplab_cli import runner
+    from deeplab_cli.crf import check_backend
     from deeplab_cli.runtime import open_session, parse_device, wants_cuda
 
     job_list = gather_jobs(inputs, recursive, shard, null)
@@ -267,9 +280,11 @@ def segment(inputs, out, recursive, null, overwrite, shard, as_json, quiet, grac
         raise click.BadParameter("Ray schedules the CRF tasks itself; leave --jobs out", param_hint="--jobs")
     model_path, crf_defaults = resolve_model(model, gpu, fp16)
     params = crf_settings(crf_defaults, crf_params, crf_opts) if crf else None
+    if crf:
+        check_backend(crf_backend)
     settings = runner.Settings(out=out, formats=tuple(dict.fromkeys(formats or ("index",))),
                                max_size=max_size or None, pad_to=pad_to, crf=params, alpha=alpha,
-                               overwrite=overwrite)
+                               overwrite=overwrite, crf_backend=crf_backend, max_pixels=pixel_limit(max_pixels))
     if engine == "ray":
         from deeplab_cli import ray_engine
 
@@ -289,6 +304,10 @@ def segment(inputs, out, recursive, null, overwrite, shard, as_json, quiet, grac
     threads, workers = runner.thread_budget(runner.usable_cores(), gpu, threads, jobs)
     if device == "auto" and not quiet:
         click.echo(f"deeplab: running on {provider}", err=True)
+    if jobs is None:  # the default: as many workers as cores, and as memory allows
+        workers, note = runner.fit_in_memory(job_list, workers, settings, session=not gpu)
+        if note and not quiet:
+            click.echo(f"deeplab: {note}", err=True)
     prepare_out(out, session.classes)
     if gpu:
         results = runner.segment(job_list, session, settings, workers, batch_size or 8)
@@ -307,8 +326,8 @@ def segment(inputs, out, recursive, null, overwrite, shard, as_json, quiet, grac
 @output_options
 @jobs_option
 @crf_options
-def crf(inputs, logits_dir, out, recursive, null, overwrite, shard, as_json, quiet, grace, formats, alpha, jobs, crf_params,
-        **crf_opts):
+def crf(inputs, logits_dir, out, recursive, null, overwrite, shard, as_json, quiet, grace, max_pixels, formats, alpha, jobs,
+        crf_backend, crf_params, **crf_opts):
     """The CRF stage alone, from saved logits: IMAGES... LOGITS.
 
     LOGITS is the folder `deeplab segment IMAGES... --format logits` wrote; give the same IMAGES so the
@@ -322,15 +341,18 @@ def crf(inputs, logits_dir, out, recursive, null, overwrite, shard, as_json, qui
     import functools
 
     from deeplab_cli import runner
+    from deeplab_cli.crf import check_backend, warm
     from deeplab_cli.outputs import VOC_CLASSES
 
     job_list = gather_jobs(inputs, recursive, shard, null)
-    settings = runner.Settings(out=out, formats=tuple(dict.fromkeys(formats or ("index",))),
-                               crf=crf_settings({}, crf_params, crf_opts), alpha=alpha, overwrite=overwrite)
+    check_backend(crf_backend)
+    lanes = min(jobs or runner.usable_cores(), max(1, len(job_list)))
+    settings = runner.sharing_cores(runner.Settings(
+        out=out, formats=tuple(dict.fromkeys(formats or ("index",))), crf=crf_settings({}, crf_params, crf_opts),
+        alpha=alpha, overwrite=overwrite, crf_backend=crf_backend, max_pixels=pixel_limit(max_pixels)), lanes)
     prepare_out(out, VOC_CLASSES)
     work = functools.partial(runner.crf_one, logits_dir=logits_dir, settings=settings)
-    lanes = min(jobs or runner.usable_cores(), max(1, len(job_list)))
-    results = runner.parallel_map(work, job_list, lanes, runner.lost_result)
+    results = runner.parallel_map(work, job_list, lanes, runner.lost_result, warm, (crf_backend,))
     sys.exit(report(results, len(job_list), as_json, quiet, "cpu", grace, folder=out))
 
 
@@ -353,7 +375,7 @@ def crf(inputs, logits_dir, out, recursive, null, overwrite, shard, as_json, qui
 @jobs_option
 @crf_options
 def crf_tune(inputs, logits_dir, gt_dir, out, recursive, limit, bi_w, bi_xy_std, bi_rgb_std, num_classes, as_json,
-             quiet, jobs, crf_params, **crf_opts):
+             quiet, jobs, crf_backend, crf_params, **crf_opts):
     """Cross-validate the CRF as DeepLab did: a grid over the bilateral kernel, ranked by mean IoU.
 
     \b
@@ -366,6 +388,7 @@ def crf_tune(inputs, logits_dir, gt_dir, out, recursive, limit, bi_w, bi_xy_std,
     from tqdm import tqdm
 
     from deeplab_cli import runner, tune
+    from deeplab_cli.crf import check_backend, warm
     from deeplab_cli.evaluate import scores
     from deeplab_cli.outputs import atomic_write
 
@@ -377,11 +400,13 @@ def crf_tune(inputs, logits_dir, gt_dir, out, recursive, limit, bi_w, bi_xy_std,
         raise click.UsageError(str(e)) from None
     samples = [tune.Sample(job.source, logits_dir / f"{job.key}.logits.npz", gt_dir / f"{job.key}.png")
                for job in gather_jobs(inputs, recursive, None)[:limit]]
-    work = functools.partial(tune.score_sample, settings=settings, num_classes=num_classes)
+    check_backend(crf_backend)
+    lanes = min(jobs or runner.usable_cores(), max(1, len(samples)))
+    work = functools.partial(tune.score_sample, settings=settings, num_classes=num_classes, backend=crf_backend,
+                             threads=max(1, runner.usable_cores() // lanes))
     total, failed = np.zeros((len(settings), num_classes, num_classes + 1), np.int64), 0
     with tqdm(total=len(samples), disable=quiet or not sys.stderr.isatty(), unit="img", file=sys.stderr) as bar:
-        lanes = min(jobs or runner.usable_cores(), max(1, len(samples)))
-        for _, confusions, error in runner.parallel_map(work, samples, lanes, tune.lost_sample):
+        for _, confusions, error in runner.parallel_map(work, samples, lanes, tune.lost_sample, warm, (crf_backend,)):
             if error:
                 failed += 1
                 bar.write(f"deeplab: {error}", file=sys.stderr)

@@ -1,16 +1,27 @@
-"""Fully connected CRF (Krähenbühl & Koltun 2011) with DeepLab-LargeFOV's settings, via pydensecrf.
+"""Fully connected CRF (Krähenbühl & Koltun 2011) with DeepLab-LargeFOV's settings: its parameters, and
+the backends that compute it.
 
 Energy: unary -log p plus two Potts pairwise terms, a Gaussian on position (w2, sigma_gamma) and a
 bilateral on position and colour (w1, sigma_alpha, sigma_beta), solved by mean field.
+
+Backends, bit-identical to each other (tests/test_meanfield.py):
+- `numba` (default): the project's engine (`deeplab_cli.meanfield`), compiled on first use and cached;
+  it can spend several threads on one image, and reuses lattices across settings (`dense_crf_grid`).
+- `pydensecrf`: Krähenbühl's C++ through pydensecrf2, the reference (`pip install 'deeplab-cli[pydensecrf]'`,
+  which compiles it; it does not build on Python 3.13 and later).
 """
 
 import math
 from dataclasses import asdict, dataclass, fields
 from numbers import Integral, Real
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
-import pydensecrf.densecrf as dcrf
+
+from deeplab_cli.errors import RuntimeSetupError
+
+BACKENDS = ("numba", "pydensecrf")
+DEFAULT_BACKEND = "numba"
 
 # -log of the smallest normal float32: caps the unary only where p itself has underflowed, so the
 # unary is DeepLab's -log p everywhere else (pydensecrf.utils clips at 1e-5, which would cap it at 11.5).
@@ -65,29 +76,89 @@ class CRFParams:
         return cls(**mapping)
 
 
-def dense_crf(image: np.ndarray, probs: np.ndarray, params: CRFParams = CRFParams()) -> np.ndarray:
+def check_backend(backend: str) -> None:
+    """Fail before any work when `backend` cannot run here: RuntimeSetupError saying what to install."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown CRF backend {backend!r} (known: {', '.join(BACKENDS)})")
+    if backend == "pydensecrf":
+        try:
+            import pydensecrf.densecrf  # noqa: F401
+        except ImportError:
+            raise RuntimeSetupError("--crf-backend pydensecrf needs pydensecrf: pip install 'deeplab-cli[pydensecrf]' "
+                                    "(it compiles from source, with a C++ compiler, on Python 3.12 and older)") from None
+
+
+def warm(backend: str | None = DEFAULT_BACKEND) -> None:
+    """Compile or load the backend once per process (worker initialisers), so no image pays for it;
+    None: nothing to warm (a run without the CRF)."""
+    if backend == "numba":
+        from deeplab_cli import meanfield
+
+        meanfield.warm()
+
+
+def dense_crf(image: np.ndarray, probs: np.ndarray, params: CRFParams = CRFParams(),
+              backend: str = DEFAULT_BACKEND, threads: int = 1) -> np.ndarray:
     """Mean-field marginals of the fully connected CRF.
 
     image: (H, W, 3) uint8 RGB, as DeepLab's CRF binary read it (PPM files). The colour distance
-        ignores channel order, but pydensecrf's permutohedral lattice does not: BGR input moved
-        Q by up to 0.38 and flipped 0.05% of labels on a synthetic 375x500 test image.
+        ignores channel order, but the permutohedral lattice does not: BGR input moved Q by up to
+        0.38 and flipped 0.05% of labels on a synthetic 375x500 test image.
     probs: (C, H, W) float32 softmax probabilities.
-    Returns (C, H, W) float32 marginals Q, each pixel summing to 1. The array is a view in
-    pixel-major memory (class index fastest), straight from pydensecrf's buffer with no copy.
+    threads: threads the numba backend may use on this one image (the result does not depend on it).
+    Returns (C, H, W) float32 marginals Q, each pixel summing to 1, as a view of pixel-major memory
+    (class index fastest).
 
     Unary -log p (p clipped to the smallest normal float32); Potts compatibility (compat = weight),
     DIAG_KERNEL, NORMALIZE_AFTER as DeepLab's CRF binary did, not pydensecrf's NORMALIZE_SYMMETRIC.
-    With params.iters == 0 pydensecrf returns softmax(-unary), i.e. probs itself (renormalised).
+    With params.iters == 0 the result is softmax(-unary), i.e. probs itself (renormalised).
     Raises ValueError on shape or dtype mismatch.
     """
+    _check_inputs(image, probs)
+    if backend == "pydensecrf":
+        return _pydensecrf(image, probs, params)
+    from deeplab_cli import meanfield
+
+    return meanfield.dense_crf(image, probs.astype(np.float32, copy=False), params, threads)
+
+
+def dense_crf_grid(image: np.ndarray, probs: np.ndarray, settings: Sequence[CRFParams],
+                   backend: str = DEFAULT_BACKEND, threads: int = 1) -> Iterator[np.ndarray]:
+    """`dense_crf` under each of `settings`, in order. The lattices depend only on the image and the
+    kernel widths (sigma_alpha, sigma_beta, sigma_gamma), so the numba backend builds them once per
+    distinct widths, not once per setting: the paper's 288-setting grid needs 48."""
+    _check_inputs(image, probs)
+    if backend == "pydensecrf":
+        yield from (_pydensecrf(image, probs, p) for p in settings)
+        return
+    from deeplab_cli import meanfield
+
+    probs = probs.astype(np.float32, copy=False)
+    def widths(p: CRFParams):
+        return p.bi_xy_std, p.bi_rgb_std, p.pos_xy_std
+
+    kernels = {}
+    for p in settings:
+        if widths(p) not in kernels:
+            kernels.clear()  # one set alive at a time: a grid is usually ordered by widths
+            kernels[widths(p)] = meanfield.prepare(image, p, threads)
+        yield meanfield.mean_field(kernels[widths(p)], probs, p, threads)
+
+
+def _check_inputs(image: np.ndarray, probs: np.ndarray) -> None:
     if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
         raise ValueError(f"image must be (H, W, 3) uint8, got {image.shape} {image.dtype}")
     if probs.ndim != 3 or probs.shape[1:] != image.shape[:2]:
         raise ValueError(f"probs must be (C, H, W) with (H, W) = {image.shape[:2]}, got {probs.shape}")
-    n_labels, height, width = probs.shape
-    if n_labels < 1:
+    if probs.shape[0] < 1:
         raise ValueError("probs must have at least one class")
 
+
+def _pydensecrf(image: np.ndarray, probs: np.ndarray, params: CRFParams) -> np.ndarray:
+    """The reference: pydensecrf with DeepLab's settings. The result views pydensecrf's own buffer."""
+    import pydensecrf.densecrf as dcrf
+
+    n_labels, height, width = probs.shape
     crf = dcrf.DenseCRF2D(width, height, n_labels)
     # pydensecrf copies the unary into its own matrix, so this temporary is freed right after.
     crf.setUnaryEnergy(_unary(probs))

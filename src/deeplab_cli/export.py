@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from deeplab_cli.model import build_onnx, check_weights
 from deeplab_cli.outputs import atomic_write
-from deeplab_cli.registry import ModelInfo
 from deeplab_cli.weights import load_weights
+
+if TYPE_CHECKING:  # the registry calls export; export needs only the registry's record type
+    from deeplab_cli.registry import ModelInfo
 
 
 def export(source: str | os.PathLike, out: str | os.PathLike, info: ModelInfo, *, float16: bool = False,

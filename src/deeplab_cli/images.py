@@ -6,18 +6,31 @@ Facts measured with opencv-python-headless 5.0 that shape this module:
   JPEG with only a "Premature end of JPEG file" warning, so JPEG and PNG completeness is checked here too.
 - OpenCV logs decoder failures on stderr (silenced below); libpng prints its own errors, which the PNG
   chunk check keeps from being reached for truncated or damaged files.
+- OpenCV refuses images over OPENCV_IO_MAX_IMAGE_PIXELS (default 2^30), an environment variable it reads
+  once, when cv2 loads; `deeplab_cli/__init__.py` sets it before any module imports cv2.
+- Pillow reads width and height from the header without decoding (`_header_size`); its own bomb guard
+  (an error over 179 MP) is not used, as deeplab's limit is its own.
 """
 
+import io
 import os
 import stat
+import warnings
 import zlib
 from contextlib import contextmanager
 from pathlib import Path
 
 import cv2
 import numpy as np
+from PIL import Image
 
-from .errors import InputError
+from .errors import InputError, UsageError
+
+# Default pixel limit: a 20000x20000 scan (400 MP) passes, a decompression bomb does not. At 500 MP an
+# image alone takes 1.5 GB decoded (BGR) plus 0.5 GB of labels, and up to 1.5 GB more for a colour or
+# overlay output; anything larger deserves a deliberate --max-pixels.
+DEFAULT_MAX_PIXELS = 500_000_000
+MAX_PIXELS_ENV = "DEEPLAB_MAX_PIXELS"
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # File signatures, only to say *why* a file failed to decode; OpenCV sniffs formats on its own.
@@ -108,15 +121,89 @@ def _read_bytes(path: str | os.PathLike) -> bytes:
     return data
 
 
-def load_image(path: str | os.PathLike) -> np.ndarray:
+def max_pixels_from_env(environ: dict[str, str] | None = None) -> int | None:
+    """The pixel limit from DEEPLAB_MAX_PIXELS: DEFAULT_MAX_PIXELS when unset, None (no limit) for 0.
+    Raises UsageError naming the variable when its value is not a whole number >= 0."""
+    text = (os.environ if environ is None else environ).get(MAX_PIXELS_ENV, "").strip()
+    if not text:
+        return DEFAULT_MAX_PIXELS
+    try:
+        value = int(text.replace("_", ""))
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise UsageError(f"{MAX_PIXELS_ENV}={text!r}: expected a whole number of pixels (0 = no limit)")
+    return value or None
+
+
+def header_size(path: str | os.PathLike) -> tuple[int, int] | None:
+    """(width, height) as an image file's header declares them, reading only the header; None when the
+    file cannot be read or Pillow does not know its format. For planning (lanes, memory) before decoding."""
+    try:
+        # O_NONBLOCK, and regular files only: a FIFO would wait for a writer (load_image says what it is).
+        with open(os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0)), "rb") as f:
+            return _header_size(f) if stat.S_ISREG(os.fstat(f.fileno()).st_mode) else None
+    except (OSError, ValueError):  # ValueError: a name no file can have (a NUL byte in it)
+        return None
+
+
+def _header_size(fp) -> tuple[int, int] | None:
+    """(width, height) from the header of a binary file object, without decoding; None when Pillow
+    does not know the format (OpenCV's own limit then guards the decoder). Image.open's core without
+    its bomb check, which would refuse any image over 179 MP before telling its size."""
+    prefix = fp.read(16)
+    # Pillow's common plugins first, as Image.open does: loading all of them takes ~0.1 s.
+    for load_plugins in (Image.preinit, Image.init):
+        load_plugins()
+        for format_id in Image.ID:
+            factory, accept = Image.OPEN[format_id]
+            try:
+                claimed = accept(prefix) if accept else False
+            except Exception:  # a plugin's check on a prefix too short for it (an empty file)
+                continue
+            if not claimed or isinstance(claimed, str):
+                continue
+            fp.seek(0)
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    image = factory(fp, "")
+            except Exception:  # a damaged header: OpenCV will say what is wrong with the file
+                continue
+            width, height = image.size
+            return int(width), int(height)
+    return None
+
+
+def _check_pixels(path, data: bytes, max_pixels: int | None) -> None:
+    if not max_pixels:
+        return
+    size = _header_size(io.BytesIO(data))
+    if size is None or size[0] * size[1] <= max_pixels:
+        return
+    width, height = size
+    raise InputError(f"{path}: image too large: {width}x{height} ({_amount(width * height)}) is over the "
+                     f"limit of {_amount(max_pixels)}; raise it with --max-pixels or {MAX_PIXELS_ENV}")
+
+
+def _amount(pixels: int) -> str:
+    """500000000 -> '500 MP', 24000000 -> '24 MP', 2500000 -> '2.5 MP', 50000 -> '50,000 pixels'."""
+    if pixels < 1_000_000:
+        return f"{pixels:,} pixels"
+    return f"{pixels / 1e6:,.1f}".removesuffix(".0") + " MP"
+
+
+def load_image(path: str | os.PathLike, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """Decode an image file to (H, W, 3) uint8 BGR, C-contiguous, EXIF orientation applied.
 
     Pixel for pixel what DeepLab's `cv2.imread(path, cv2.IMREAD_COLOR)` gives: grayscale is replicated
     to three channels, an alpha channel is DROPPED (not composited: transparent pixels keep their
     colour), 16-bit samples keep their high byte (v >> 8), palette images are expanded. Any format
     this OpenCV build reads (JPEG, PNG, BMP, TIFF, WebP, GIF, ...) works; multi-page files give page one.
+    Images over `max_pixels` (width x height; None or 0: no limit) are refused from their header,
+    before anything is decoded or allocated.
     Raises InputError("<path>: <reason>") when the file is missing, unreadable, empty, truncated,
-    corrupt, too large for OpenCV, or not an image.
+    corrupt, over the pixel limit or OpenCV's, or not an image.
     """
     data = _read_bytes(path)
     kind = _format_of(data)
@@ -124,12 +211,15 @@ def load_image(path: str | os.PathLike) -> np.ndarray:
     problem = check(data) if check else None
     if problem:
         raise InputError(f"{path}: {problem}")
+    _check_pixels(path, data, max_pixels)
     try:
         with _quiet_opencv():
             image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
     except cv2.error as e:
         if "CV_IO_MAX_IMAGE_PIXELS" in e.err:
-            raise InputError(f"{path}: image too large to decode (over OpenCV's pixel limit)") from None
+            limit = os.environ.get("OPENCV_IO_MAX_IMAGE_PIXELS", str(1 << 30))
+            raise InputError(f"{path}: image too large to decode (over OpenCV's limit of {limit} pixels; "
+                             f"set {MAX_PIXELS_ENV} before starting deeplab to raise both)") from None
         raise InputError(f"{path}: cannot decode ({e.err})") from None
     if image is None:
         if kind is None:

@@ -9,12 +9,13 @@ import os
 import re
 import secrets
 import zipfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
 import numpy as np
+import numpy.typing
 from PIL import Image, UnidentifiedImageError
 
 from .errors import InputError
@@ -187,6 +188,40 @@ def write_npz(path: Path, **arrays: np.ndarray) -> None:
         # A file object, because np.savez appends ".npz" to a name that lacks it.
         with open(tmp, "wb") as f:
             np.savez(f, **arrays)
+
+    atomic_write(path, save)
+
+
+def write_npz_streamed(path: Path, name: str, shape: tuple[int, ...], dtype: np.typing.DTypeLike,
+                       chunks: Iterable[np.ndarray]) -> None:
+    """Save one array given as chunks, without ever holding it whole: the .npz that
+    `write_npz(path, **{name: array})` writes (uncompressed, `name`.npy inside), read the same by np.load.
+
+    `chunks` are arrays of dtype `dtype` whose elements, concatenated in C order, are the array of
+    `shape` (for (C, H, W) probabilities: class 0's rows top to bottom, then class 1's;
+    `upsample.prob_chunks` yields them so). The zip entry is always zip64, as np.savez writes it, so
+    arrays over 4 GiB work. Raises ValueError, leaving no file, when a chunk has another dtype or the
+    chunks do not add up to `shape`; OSErrors as `atomic_write`.
+    """
+    dtype = np.dtype(dtype)
+    shape = tuple(int(n) for n in shape)
+    total = int(np.prod(shape, dtype=np.int64))
+
+    def save(tmp: Path) -> None:
+        written = 0
+        with open(tmp, "wb") as f, zipfile.ZipFile(f, "w", zipfile.ZIP_STORED, allowZip64=True) as archive:
+            with archive.open(f"{name}.npy", "w", force_zip64=True) as entry:
+                header = {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": shape}
+                np.lib.format.write_array_header_1_0(entry, header)  # the header np.save writes
+                for chunk in chunks:
+                    if chunk.dtype != dtype:
+                        raise ValueError(f"{path}: chunk of dtype {chunk.dtype}, expected {dtype}")
+                    written += chunk.size
+                    if written > total:
+                        raise ValueError(f"{path}: chunks hold more than the {total} elements of {shape}")
+                    entry.write(memoryview(np.ascontiguousarray(chunk).reshape(-1)).cast("B"))
+        if written != total:
+            raise ValueError(f"{path}: chunks hold {written} elements, {shape} needs {total}")
 
     atomic_write(path, save)
 

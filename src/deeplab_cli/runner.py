@@ -12,18 +12,19 @@ import os
 import time
 from collections import deque
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
 from deeplab_cli import stop
-from deeplab_cli.crf import CRFParams, dense_crf
+from deeplab_cli import crf as crf_backends
+from deeplab_cli.crf import CRFParams
 from deeplab_cli.errors import InputError, OutputError
-from deeplab_cli.images import load_image, resize_for_network, resize_to
+from deeplab_cli.images import DEFAULT_MAX_PIXELS, header_size, load_image, resize_for_network, resize_to
 from deeplab_cli.inputs import Job
-from deeplab_cli.upsample import caffe_interp, labels_from_scores, resize_probs, softmax
+from deeplab_cli.upsample import caffe_interp, labels_at_size, prob_chunks, softmax
 
 FORMAT_SUFFIXES = {
     "index": ".png",
@@ -43,6 +44,9 @@ class Settings:
     crf: CRFParams | None = CRFParams()
     alpha: float = 0.5
     overwrite: bool = False
+    crf_backend: str = crf_backends.DEFAULT_BACKEND
+    crf_threads: int = 1  # threads inside one image's CRF: the cores that no other image is using
+    max_pixels: int | None = DEFAULT_MAX_PIXELS  # larger images are refused before decoding; None: no limit
 
 
 @dataclass
@@ -73,19 +77,19 @@ def scores_to_probs(logits: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return softmax(caffe_interp(logits, *size))
 
 
-def refine(image: np.ndarray, probs: np.ndarray, crf: CRFParams | None,
-           image_size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
-    """The CRF and the way back to the image's size, shared by `segment`, `crf` and `crf tune`.
+def refine(image: np.ndarray, probs: np.ndarray, crf: CRFParams | None, image_size: tuple[int, int],
+           backend: str = crf_backends.DEFAULT_BACKEND, threads: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """The CRF and the way back to the image's size, shared by `segment` and `crf`.
 
     image (h, w, 3) uint8 BGR and probs (C, h, w) float32 at the working size. Returns probabilities
-    (C, H, W) float32 (CRF marginals when `crf` is set) and labels (H, W) uint8 at `image_size`.
+    (C, h, w) float32 at the working size (CRF marginals when `crf` is set) and labels (H, W) uint8 at
+    `image_size`: bilinear probabilities then argmax, computed in bands of rows, so that a 400 MP scan
+    never needs its (C, H, W) map.
     """
     if crf is not None:
-        # RGB as DeepLab's CRF binary read it: pydensecrf's lattice is not symmetric in the channels.
-        probs = dense_crf(image[..., ::-1], probs, crf)
-    if probs.shape[1:] != tuple(image_size):
-        probs = resize_probs(probs, *image_size)
-    return probs, labels_from_scores(probs)
+        # RGB as DeepLab's CRF binary read it: the permutohedral lattice is not symmetric in the channels.
+        probs = crf_backends.dense_crf(image[..., ::-1], probs, crf, backend, threads)
+    return probs, labels_at_size(probs, *image_size)
 
 
 def is_done(job: Job, settings: Settings) -> bool:
@@ -123,6 +127,30 @@ def _message(job: Job, error: Exception) -> str:
     return " ".join(text.split())
 
 
+def _work_size(size: tuple[int, int], settings: Settings) -> tuple[int, int]:
+    """(h, w) the network sees for an image whose header says (width, height)."""
+    width, height = size
+    scale = min(1.0, (settings.max_size or max(size)) / max(size))
+    return max(1, round(height * scale)), max(1, round(width * scale))
+
+
+def check_memory(job: Job, settings: Settings) -> None:
+    """Refuse, before decoding, an image whose stages would need more memory than this process has left
+    (its header gives the size): it fails alone instead of bringing in the OOM killer for the batch."""
+    from deeplab_cli import memory
+
+    size = header_size(job.source)
+    available = memory.available_memory()
+    if size is None or available is None:
+        return
+    width, height = size
+    # This process already holds its session (and its CRF code): only the image's own share is new.
+    needed = memory.image_bytes((height, width), _work_size(size, settings), settings.crf is not None)
+    if needed > available:
+        raise InputError(f"{job.source}: too large for the memory left ({width}x{height} needs about "
+                         f"{needed / 2**30:.1f} GiB, {available / 2**30:.1f} GiB available)")
+
+
 @dataclass
 class Loaded:
     """One decoded image on its way to the network."""
@@ -139,7 +167,8 @@ def load_job(job: Job, settings: Settings) -> Loaded | Result:
 
     def work(timings):
         with _timed(timings, "load"):
-            image = load_image(job.source)
+            check_memory(job, settings)
+            image = load_image(job.source, settings.max_pixels)
             loaded.append(Loaded(job, image, resize_for_network(image, settings.max_size), timings))
 
     result = attempt(job, settings, work)
@@ -218,6 +247,8 @@ def segment(jobs: Iterable[Job], session, settings: Settings, workers: int = 0,
     yield from skipped
     if not todo:
         return
+    # The CRF may use the cores that no other image is using: all of them in one process.
+    settings = sharing_cores(settings, min(workers, len(todo)))
     loaded = _prefetch(todo, settings, depth=2 * max(1, batch_size))
     if workers == 0:
         for batch in batches_of_equal_size(loaded, batch_size):
@@ -234,7 +265,7 @@ def segment(jobs: Iterable[Job], session, settings: Settings, workers: int = 0,
 
 
 def _pipeline(batches, session, settings: Settings, workers: int) -> Iterator[Result]:
-    with _Workers(workers, finish_job, lost=lost_result) as pool:
+    with _Workers(workers, finish_job, lost_result, crf_backends.warm, (_warm_backend(settings),)) as pool:
         for batch in batches:
             if stop.requested():
                 break
@@ -262,9 +293,11 @@ class _Workers:
     native code) breaks the whole pool: its tasks are given once more to a fresh pool, and a task whose
     second pool breaks too becomes `lost(first argument)`, so one bad input cannot end the run.
 
-    Workers ignore SIGINT and SIGTERM (a terminal or a scheduler signals the whole process group): the
-    parent decides, through `stop`, what happens to their work. Leaving the block on an exception
-    (`stop.Abandoned`, a closed generator) kills them at once instead of waiting for their tasks."""
+    Workers ignore SIGINT (a terminal signals the whole process group): the parent decides, through
+    `stop`, what happens to their work. Once a stop is asked for, tasks of a broken pool are dropped
+    (left for a rerun), not retried: a scheduler that sends SIGTERM to every process (SLURM, systemd)
+    ends the workers too. Leaving the block on an exception (`stop.Abandoned`, a closed generator)
+    kills them at once instead of waiting for their tasks."""
 
     def __init__(self, workers: int, function: Callable, lost: Callable,
                  initializer: Callable | None = None, initargs: tuple = ()):
@@ -329,6 +362,8 @@ class _Workers:
                 yield future.result()
                 continue
             self._replace(pool)
+            if stop.requested():
+                continue  # stopping: the image is left for a rerun, not retried or reported lost
             if tries:
                 yield self.lost(args[0])
             else:
@@ -353,7 +388,8 @@ def finish(job: Job, settings: Settings, image: np.ndarray, small: np.ndarray, n
         with _timed(timings, "upsample"):
             probs = net["probs"] if "probs" in net else scores_to_probs(net["logits"], small.shape[:2])
         with _timed(timings, "crf"):
-            probs, labels = refine(small, probs, settings.crf, image.shape[:2])
+            probs, labels = refine(small, probs, settings.crf, image.shape[:2], settings.crf_backend,
+                                   settings.crf_threads)
     with _timed(timings, "write"):
         write_outputs(job, settings, image=image, labels=labels, probs=probs, logits=net.get("logits"),
                       work_size=small.shape[:2], model=model)
@@ -368,7 +404,8 @@ def crf_one(job: Job, logits_dir: Path, settings: Settings) -> Result:
 
     def work(timings):
         with _timed(timings, "load"):
-            image = load_image(job.source)
+            check_memory(job, settings)
+            image = load_image(job.source, settings.max_pixels)
             saved = read_logits(logits_dir / (job.key + FORMAT_SUFFIXES["logits"]))
             if tuple(saved.image_size) != image.shape[:2]:
                 raise InputError(f"{job.source}: image is {image.shape[0]}x{image.shape[1]} but its logits were "
@@ -391,10 +428,40 @@ def _start_worker(parent: int, initializer: Callable | None, initargs: tuple) ->
         os._exit(1)
 
     threading.Thread(target=watch, daemon=True, name="deeplab-parent-watch").start()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, signal.SIG_IGN)
+    # Ctrl-C reaches the whole process group: the parent alone decides what becomes of the work. SIGTERM
+    # keeps its default: the pool itself stops broken workers with it.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     if initializer:
         initializer(*initargs)
+
+
+def fit_in_memory(jobs: list[Job], workers: int, settings: Settings, session: bool = True) -> tuple[int, str | None]:
+    """(workers that fit in the memory this process may use, a note when that is fewer than `workers`).
+
+    Each worker is sized for the largest of the first 64 images (from their headers): a lane with its
+    own network `session`, or a GPU run's CRF worker without one (memory.lane_bytes, measured). The
+    memory is the cgroup limit a scheduler set (SLURM, Kubernetes, Docker), else what the machine has
+    available."""
+    from deeplab_cli import memory
+
+    sizes = [size for size in (header_size(job.source) for job in jobs[:64]) if size]
+    available = memory.available_memory()
+    if not sizes or available is None or workers < 2:
+        return workers, None
+    width, height = max(sizes, key=lambda size: size[0] * size[1])
+    work = _work_size((width, height), settings)
+    each = memory.lane_bytes((height, width), work, settings.crf is not None) - (0 if session else memory.SESSION_BYTES)
+    fitting = memory.lanes_for(available, each, workers)
+    if fitting == workers:
+        return workers, None
+    return fitting, (f"{fitting} worker{'s' * (fitting > 1)} instead of {workers}: {available / 2**30:.1f} GiB of "
+                     f"memory available, about {each / 2**30:.1f} GiB each for {width}x{height} images")
+
+
+def sharing_cores(settings: Settings, images_at_once: int) -> Settings:
+    """`settings` with the CRF given its share of the cores when `images_at_once` images run side by side
+    (0: one process, one image at a time); a run of fewer images than cores leaves none idle."""
+    return replace(settings, crf_threads=max(1, usable_cores() // max(1, images_at_once)))
 
 
 def usable_cores() -> int:
@@ -458,18 +525,26 @@ def segment_lanes(jobs: Iterable[Job], model_path: str | os.PathLike, settings: 
     yield from skipped
     if not todo:
         return
-    yield from parallel_map(functools.partial(lane_job, settings=settings), todo, min(lanes, len(todo)), lost_result,
-                            _open_lane_session, (os.fspath(model_path), threads))
+    lanes = min(lanes, len(todo))
+    work = functools.partial(lane_job, settings=sharing_cores(settings, lanes))
+    yield from parallel_map(work, todo, lanes, lost_result, _open_lane_session,
+                            (os.fspath(model_path), threads, _warm_backend(settings)))
 
 
 _lane_session = None  # one per lane process, opened by its pool's initializer
 
 
-def _open_lane_session(model_path: str, threads: int) -> None:
+def _warm_backend(settings: Settings) -> str | None:
+    """The CRF backend a worker should load before its first image (None: the run has no CRF)."""
+    return settings.crf_backend if settings.crf is not None else None
+
+
+def _open_lane_session(model_path: str, threads: int, crf_backend: str | None) -> None:
     global _lane_session
     from deeplab_cli.runtime import open_session
 
     _lane_session = open_session(model_path, "cpu", threads)
+    crf_backends.warm(crf_backend)
 
 
 def lane_job(job: Job, settings: Settings) -> Result:
@@ -495,7 +570,9 @@ def write_outputs(job: Job, settings: Settings, *, image, labels, probs, logits,
         "index": lambda path: outputs.write_index_png(path, labels, palette),
         "color": lambda path: outputs.write_png(path, outputs.colorize(labels, palette)),
         "overlay": lambda path: outputs.write_png(path, outputs.overlay(image, labels, palette, settings.alpha)),
-        "probs": lambda path: outputs.write_npz(path, probs=probs.astype(np.float16)),
+        # At the image's size, streamed class by class: the full map is never held.
+        "probs": lambda path: outputs.write_npz_streamed(path, "probs", (len(probs), *labels.shape), np.float16,
+                                                         prob_chunks(probs, *labels.shape)),
         "logits": lambda path: outputs.write_logits(
             path, outputs.SavedLogits(logits, tuple(work_size), image.shape[:2], model)),
     }

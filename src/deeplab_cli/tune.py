@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from deeplab_cli.crf import CRFParams
+from deeplab_cli.crf import DEFAULT_BACKEND, CRFParams
 from deeplab_cli.errors import InputError
 
 def parse_values(text: str) -> tuple[float, ...]:
@@ -38,18 +38,22 @@ class Sample:
     truth: Path
 
 
-def sample_confusions(sample: Sample, settings: list[CRFParams], num_classes: int) -> np.ndarray:
+def sample_confusions(sample: Sample, settings: list[CRFParams], num_classes: int,
+                      backend: str = DEFAULT_BACKEND, threads: int = 1) -> np.ndarray:
     """(len(settings), num_classes, num_classes + 1) confusion matrices of one image under each setting.
 
-    The image, logits and softmax are prepared once; each setting then runs the same CRF and resize as
-    `deeplab crf`, so a setting's score here is what applying it gives.
+    The image, logits and softmax are prepared once, and each lattice once per kernel widths; each
+    setting then runs the same CRF and resize as `deeplab crf`, so a setting's score here is what
+    applying it gives.
     """
     from deeplab_cli.evaluate import confusion_matrix
-    from deeplab_cli.images import load_image, resize_to
+    from deeplab_cli.images import load_image, max_pixels_from_env, resize_to
     from deeplab_cli.outputs import read_index_png, read_logits
-    from deeplab_cli.runner import refine, scores_to_probs
+    from deeplab_cli.crf import dense_crf_grid
+    from deeplab_cli.runner import scores_to_probs
+    from deeplab_cli.upsample import labels_at_size
 
-    image = load_image(sample.image)
+    image = load_image(sample.image, max_pixels_from_env())
     saved = read_logits(sample.logits)
     truth = read_index_png(sample.truth)
     if truth.shape != image.shape[:2]:
@@ -57,14 +61,16 @@ def sample_confusions(sample: Sample, settings: list[CRFParams], num_classes: in
                          f"image is {image.shape[0]}x{image.shape[1]}")
     small = resize_to(image, saved.work_size)
     probs = scores_to_probs(saved.logits, saved.work_size)
-    return np.stack([confusion_matrix(truth, refine(small, probs, p, image.shape[:2])[1], num_classes)
-                     for p in settings])
+    # RGB, as runner.refine gives the CRF.
+    marginals = dense_crf_grid(small[..., ::-1], probs, settings, backend, threads)
+    return np.stack([confusion_matrix(truth, labels_at_size(q, *image.shape[:2]), num_classes) for q in marginals])
 
 
-def score_sample(sample: Sample, settings: list[CRFParams], num_classes: int):
+def score_sample(sample: Sample, settings: list[CRFParams], num_classes: int, backend: str = DEFAULT_BACKEND,
+                 threads: int = 1):
     """Worker entry point: (sample, confusions or None, error message or None)."""
     try:
-        return sample, sample_confusions(sample, settings, num_classes), None
+        return sample, sample_confusions(sample, settings, num_classes, backend, threads), None
     except InputError as e:
         return sample, None, str(e)
     except Exception as e:  # reported per sample, like every batch command
@@ -72,5 +78,5 @@ def score_sample(sample: Sample, settings: list[CRFParams], num_classes: int):
 
 
 def lost_sample(sample: Sample):
-    """What `score_sample` would return for a sample whose worker process died twice."""
+    """What `score_sample` would return for a sample whose worker process kept dying."""
     return sample, None, f"{sample.image}: the worker process died while scoring it"

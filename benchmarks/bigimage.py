@@ -1,0 +1,311 @@
+"""Big images and bounded memory (issue 12): the way back to the image's size, today's full map against bands.
+
+    PYTHONPATH=src python benchmarks/bigimage.py             # 24 MP JPEG and 400 MP PNG: ~3 min on 2 cores
+    PYTHONPATH=src python benchmarks/bigimage.py --cli       # plus `deeplab segment -j 0 --no-crf` on each
+    PYTHONPATH=src python benchmarks/bigimage.py --small     # 24 MP only
+
+Inputs, generated in a temporary folder: a 6000x4000 JPEG and a 20000x20000 PNG ("dead leaves" photos
+from benchmarks/run.py, upscaled, with fresh noise), and a LargeFOV graph with random weights of the
+real shapes. One process per row, so each row's peak memory is its own (VmHWM from /proc/self/status,
+"rise" over the process's footprint before the measured step):
+- decode: `load_image` of the file.
+- probabilities: the network at the working size (longer side 513) and softmax, as `segment` computes
+  them without the CRF; saved for the rows below, which all start from them.
+- labels, full map: labels_from_scores(resize_probs(probs, H, W)), what runner.refine does today.
+- labels, cv2 by columns: cv2's own two passes, the vertical one over slices of columns (the exact
+  fallback of `upsample`, with (C, 513, W) float32 held): a reference where the full map cannot be made.
+- labels, banded: upsample.labels_at_size(probs, H, W).
+- probs.npz (24 MP only; 400 MP would write 17 GB): write_npz of resize_probs(...).astype(float16)
+  against write_npz_streamed of upsample.prob_chunks(...).
+A row that cannot allocate its memory (its address space is capped at what the machine has free, so
+it fails with MemoryError rather than meeting the OOM killer) reports the error instead of a time.
+"Agree" is the share of pixels whose labels equal the full map's (where it could not be made, the
+column reference's), or of equal values in the two probs.npz files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+IMAGES = {"24 MP JPEG": ("photo.jpg", (4000, 6000)), "400 MP PNG": ("scan.png", (20000, 20000))}
+LABEL_ROWS = {"full": "labels, full map", "columns": "labels, cv2 by columns", "banded": "labels, banded"}
+
+
+def status_mb(field: str) -> float:
+    """A Vm* field of /proc/self/status in MB (VmHWM: peak resident set)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+# ---------------------------------------------------------------- child: one measured step
+
+
+def cap_address_space() -> None:
+    """Fail allocations beyond what the machine has free with MemoryError, instead of an OOM kill."""
+    from deeplab_cli.memory import available_memory
+
+    free = available_memory()
+    if free is not None:
+        limit = int(status_mb("VmSize") * 2**20 + 0.8 * free)
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+
+
+def child(step: str, args: list[str]) -> dict:
+    import cv2  # noqa: F401  (imported before the baseline, as the runner has it)
+
+    from deeplab_cli import outputs
+    from deeplab_cli.images import load_image, resize_for_network
+    from deeplab_cli.upsample import caffe_interp, labels_at_size, labels_from_scores, prob_chunks, resize_probs, softmax
+
+    cap_address_space()
+    if step == "decode":
+        baseline = status_mb("VmHWM")
+        start = time.perf_counter()
+        image = load_image(args[0])
+        return {"seconds": time.perf_counter() - start, "baseline": baseline, "shape": list(image.shape)}
+    if step == "probs":
+        from deeplab_cli.runtime import open_session
+
+        image_path, model, out = args
+        small = resize_for_network(load_image(image_path), 513)
+        session = open_session(model, "cpu", threads=os.cpu_count())
+        baseline = status_mb("VmHWM")
+        start = time.perf_counter()
+        logits = session.run(small[None], None, ("logits",))["logits"][0]
+        probs = softmax(caffe_interp(logits, *small.shape[:2]))
+        seconds = time.perf_counter() - start
+        np.save(out, probs)
+        return {"seconds": seconds, "baseline": baseline, "shape": list(probs.shape)}
+    probs_path, height, width, out = args[0], int(args[1]), int(args[2]), Path(args[3])
+    probs = np.load(probs_path)
+    baseline = status_mb("VmHWM")
+    start = time.perf_counter()
+    if step == "full":
+        labels = labels_from_scores(resize_probs(probs, height, width))
+    elif step == "banded":
+        labels = labels_at_size(probs, height, width)
+    elif step == "columns":
+        from deeplab_cli.upsample import BAND_BYTES, _label_bands_by_columns
+
+        labels = next(_label_bands_by_columns(np.ascontiguousarray(probs), height, width, BAND_BYTES))[1]
+    elif step == "npz-full":
+        outputs.write_npz(out, probs=resize_probs(probs, height, width).astype(np.float16))
+    elif step == "npz-streamed":
+        outputs.write_npz_streamed(out, "probs", (probs.shape[0], height, width), np.float16,
+                                   prob_chunks(probs, height, width))
+    else:
+        raise SystemExit(f"unknown step {step}")
+    seconds = time.perf_counter() - start
+    if step in ("full", "banded", "columns"):
+        np.save(out, labels)
+    return {"seconds": seconds, "baseline": baseline}
+
+
+def child_main(step: str, args: list[str]) -> None:
+    try:
+        result = child(step, args)
+    except MemoryError as e:
+        result = {"error": f"MemoryError: {e}"}
+    result["peak"] = status_mb("VmHWM")
+    print(json.dumps(result))
+
+
+# ---------------------------------------------------------------- parent: inputs, rows, report
+
+
+def run_child(step: str, *args) -> dict:
+    env = dict(os.environ)
+    src = str(HERE.parent / "src")
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (src, env.get("PYTHONPATH")) if p)
+    start = time.perf_counter()
+    done = subprocess.run([sys.executable, __file__, "--child", step, *map(str, args)],
+                          capture_output=True, text=True, env=env)
+    wall = time.perf_counter() - start
+    if done.returncode != 0:
+        return {"error": f"exit {done.returncode}: {done.stderr.strip().splitlines()[-1:]}", "wall": wall}
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    result["wall"] = wall
+    return result
+
+
+def make_image(path: Path, size: tuple[int, int], seed: int) -> None:
+    """A photo-like image of `size` (H, W): a dead-leaves picture upscaled, plus fresh noise band by band."""
+    import cv2
+
+    sys.path.insert(0, str(HERE))
+    from run import natural_image  # noqa: PLC0415  (benchmarks/run.py, imported only here)
+
+    rng = np.random.default_rng(seed)
+    height, width = size
+    base = natural_image(max(64, height // 8), max(64, width // 8), rng)
+    image = cv2.resize(base, (width, height), interpolation=cv2.INTER_CUBIC)
+    noise = rng.integers(-6, 7, (512, width, 3), dtype=np.int16)
+    for y0 in range(0, height, 512):
+        band = image[y0:y0 + 512]
+        band[:] = np.clip(band + noise[:len(band)], 0, 255).astype(np.uint8)
+    params = [cv2.IMWRITE_JPEG_QUALITY, 90] if path.suffix == ".jpg" else [cv2.IMWRITE_PNG_COMPRESSION, 1]
+    if not cv2.imwrite(str(path), image, params):
+        raise RuntimeError(f"cannot write {path}")
+
+
+def make_model(path: Path) -> None:
+    sys.path.insert(0, str(HERE))
+    from run import export_model, random_weights  # noqa: PLC0415
+
+    export_model(random_weights(0), path)
+
+
+def agreement(a: Path, b: Path) -> float:
+    """Share of equal labels of two saved (H, W) maps, compared in bands (they may be 400 MB each)."""
+    x, y = np.load(a, mmap_mode="r"), np.load(b, mmap_mode="r")
+    if x.shape != y.shape:
+        return 0.0
+    equal = sum(int((x[i:i + 1024] == y[i:i + 1024]).sum()) for i in range(0, x.shape[0], 1024))
+    return equal / x.size
+
+
+def same_npz(a: Path, b: Path) -> float:
+    """1.0 when np.load gives identical `probs` arrays (compared one class at a time), else the share equal."""
+    with np.load(a, mmap_mode="r") as x, np.load(b, mmap_mode="r") as y:
+        p, q = x["probs"], y["probs"]
+        if p.shape != q.shape:
+            return 0.0
+        equal = sum(int((p[c] == q[c]).sum()) for c in range(p.shape[0]))
+        return equal / p.size
+
+
+def cli_row(image: Path, model: Path, out: Path) -> dict:
+    """`deeplab segment IMAGE -j 0 --no-crf`: wall clock and that process's own peak RSS (wait4's ru_maxrss)."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(HERE.parent / "src"), env.get("PYTHONPATH")) if p)
+    command = [sys.executable, "-m", "deeplab_cli", "segment", str(image), "--out", str(out), "-m", str(model),
+               "-j", "0", "--no-crf", "-q", "--json", "--overwrite"]
+    stdout_path, stderr_path = out.with_name("segment.stdout"), out.with_name("segment.stderr")
+    with open(stdout_path, "w") as stdout, open(stderr_path, "w") as stderr:
+        start = time.perf_counter()
+        process = subprocess.Popen(command, stdout=stdout, stderr=stderr, env=env)
+        _, status, usage = os.wait4(process.pid, 0)  # reaped here, so the rusage is this process's alone
+        wall = time.perf_counter() - start
+        process.returncode = os.waitstatus_to_exitcode(status)
+    results = [json.loads(line) for line in stdout_path.read_text().splitlines() if line.strip()]
+    if results and results[0]["status"] == "ok":
+        error = None
+    else:
+        error = results[0].get("error") if results else stderr_path.read_text().strip()[-300:]
+    return {"wall": wall, "peak": usage.ru_maxrss / 1024, "error": error,
+            "timings": results[0].get("timings", {}) if results else {}}
+
+
+def table(rows: list[list[str]]) -> str:
+    header = ["image", "step", "time", "peak RSS", "rise", "agree", "note"]
+    widths = [max(len(str(r[i])) for r in rows + [header]) for i in range(len(header))]
+    line = lambda cells: "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
+    return "\n".join([line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [line(r) for r in rows])
+
+
+def describe(image: str, step: str, result: dict, agree: float | None = None, note: str = "") -> list[str]:
+    if result.get("error"):
+        return [image, step, "failed", f"{result.get('peak', float('nan')):,.0f} MB", "", "", str(result["error"])[:90]]
+    rise = result["peak"] - result["baseline"] if "baseline" in result else float("nan")
+    agreed = "" if agree is None else f"{100 * agree:.4f} %"
+    return [image, step, f"{result['seconds']:.2f} s", f"{result['peak']:,.0f} MB",
+            "" if rise != rise else f"{rise:,.0f} MB", agreed, note]
+
+
+def label_rows(name: str, image: Path, size: tuple[int, int], model: Path, work: Path) -> list[list[str]]:
+    """Decode, probabilities, then the three ways to labels, each checked against the one before it."""
+    file_size = f"{image.stat().st_size / 1e6:,.0f} MB file"
+    rows = [describe(name, "decode", run_child("decode", image), note=file_size)]
+    probs = work / f"{image.stem}.probs.npy"
+    result = run_child("probs", image, model, probs)
+    rows.append(describe(name, "network + softmax (513)", result, note=f"probs {tuple(result.get('shape', ()))}"))
+    saved = {}
+    for step in ("full", "columns", "banded"):
+        print(f"{name}: labels, {step}", file=sys.stderr)
+        path = work / f"{image.stem}.{step}.npy"
+        result = run_child(step, probs, *size, path)
+        reference = next(iter(saved.values()), None)  # the full map where it was made, else the columns
+        agree = None if result.get("error") or reference is None else agreement(reference, path)
+        if not result.get("error"):
+            saved[step] = path
+        rows.append(describe(name, LABEL_ROWS[step], result, agree))
+    for path in saved.values():
+        path.unlink()
+    return rows
+
+
+def npz_rows(name: str, image: Path, size: tuple[int, int], work: Path) -> list[list[str]]:
+    """probs.npz written from the full map and streamed from bands; both files compared, then deleted."""
+    probs, rows, written = work / f"{image.stem}.probs.npy", [], []
+    for step in ("npz-full", "npz-streamed"):
+        print(f"{name}: {step}", file=sys.stderr)
+        path = work / f"{image.stem}.{step}.npz"
+        result = run_child(step, probs, *size, path)
+        agree = same_npz(written[0], path) if written and path.exists() and not result.get("error") else None
+        note = f"{path.stat().st_size / 1e9:.2f} GB file" if path.exists() else ""
+        if path.exists():
+            written.append(path)
+        rows.append(describe(name, f"probs.npz, {step.split('-')[1]}", result, agree, note))
+    for path in written:
+        path.unlink()
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--small", action="store_true", help="the 24 MP JPEG only")
+    parser.add_argument("--cli", action="store_true", help="also time `deeplab segment -j 0 --no-crf` per image")
+    parser.add_argument("--workdir", type=Path, help="keep inputs here between runs (default: a temporary folder)")
+    parser.add_argument("--markdown", type=Path, help="also write the table to this file")
+    options = parser.parse_args()
+
+    with tempfile.TemporaryDirectory(prefix="deeplab-bigimage-") as temporary:
+        work = options.workdir or Path(temporary)
+        work.mkdir(parents=True, exist_ok=True)
+        model = work / "random.onnx"
+        if not model.exists():
+            print("building the random-weights model", file=sys.stderr)
+            make_model(model)
+        rows: list[list[str]] = []
+        images = []
+        for seed, (name, (filename, size)) in enumerate(IMAGES.items()):
+            if options.small and name != "24 MP JPEG":
+                continue
+            image = work / filename
+            if not image.exists():
+                print(f"making {image.name} {size[1]}x{size[0]}", file=sys.stderr)
+                make_image(image, size, seed)
+            images.append((name, image))
+            rows += label_rows(name, image, size, model, work)
+            if name == "24 MP JPEG":  # 400 MP would write 17 GB
+                rows += npz_rows(name, image, size, work)
+        for name, image in images if options.cli else []:
+            print(f"{name}: deeplab segment", file=sys.stderr)
+            result = cli_row(image, model, work / "segment-out")
+            stages = ", ".join(f"{k} {v:.2f}" for k, v in result["timings"].items())
+            rows.append([name, "deeplab segment -j 0 --no-crf", f"{result['wall']:.2f} s", f"{result['peak']:,.0f} MB",
+                         "", "", str(result["error"])[:90] if result["error"] else stages])
+        report = table(rows)
+        print(report)
+        if options.markdown:
+            options.markdown.write_text(report + "\n")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 2 and sys.argv[1] == "--child":
+        child_main(sys.argv[2], sys.argv[3:])
+    else:
+        main()

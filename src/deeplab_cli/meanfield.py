@@ -1,0 +1,872 @@
+"""The fully connected CRF's mean field, bit-identical to pydensecrf2 1.1 with DeepLab's settings.
+
+Same model as `deeplab_cli.crf.dense_crf`: unary -log max(p, float32 tiny), a Gaussian kernel
+(sxy = pos_xy_std, Potts weight pos_w) and a bilateral kernel (sxy = bi_xy_std, srgb = bi_rgb_std,
+Potts weight bi_w) on the RGB image, DIAG_KERNEL, NORMALIZE_AFTER, `iters` iterations. Every float32
+operation is pydensecrf's, in its order: the lattices come from `deeplab_cli.lattice`, splat, blur and
+slice round as `Permutohedral::sseCompute` (or `seqCompute` for one or two labels), and the softmax
+is `expAndNormalize` as compiled with Eigen 3.3.9 on SSE2: the cephes `pexp` on 4-float packets,
+glibc's expf on the labels after the last full packet, and Eigen's packet order for the sum.
+
+Layout: label-minor rows padded to a multiple of 8 floats, handled as whole 8-float vectors by
+small LLVM intrinsics (no FMA: a multiply, then an add, as SSE2 does; no alias checks or remainder
+loops per row). Rows of 24 floats (17-24 labels, VOC's 21) are handled three vectors at a time: one
+read of a vertex's offset and weight per slice, and the max, Eigen-order sum and division of the
+softmax in registers. An iteration is: splat, blur (one pass per lattice axis), then one fused pass
+over the pixels (both slices, norms, compatibility, unary, softmax), which prefetches the bilateral
+lattice's rows a few pixels ahead. On one thread the pass also splats each pixel's Q as it goes, in
+pixel order as pydensecrf does; on several, the pass writes Q and the splat is a gather over the
+lattice's pixel-ordered CSR, which sums in the same order, so the result never depends on the thread
+count. Threads are Python threads running numba `nogil` kernels on slices of the pixels or lattice
+points (`lattice.parallel_for`); each gather or blur step covers both kernels' lattices at once.
+Working buffers live in a per-thread workspace reused across iterations and images.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from dataclasses import dataclass
+from typing import Protocol
+
+from deeplab_cli.lattice import (  # deeplab_cli.lattice configures numba before it is imported
+    Lattice,
+    bilateral_features,
+    build_lattice,
+    emit_prefetch,
+    gaussian_features,
+    item_pointer,
+    parallel_for,
+    prefetch,
+    prefetch_for_write,
+    start_beside,
+    workspace,
+)
+
+import numpy as np  # noqa: E402
+from llvmlite import ir  # noqa: E402
+from numba import njit  # noqa: E402
+from numba.core import cgutils, types  # noqa: E402
+from numba.extending import intrinsic  # noqa: E402
+
+_LANES = 8  # rows are padded to a multiple of this many floats
+_WIDE = 3 * _LANES  # rows of 17-24 labels (VOC's 21), handled three vectors at a time
+_CHUNK = 256  # pixels per step of the pass: their rows (24 KB at 24 floats) stay in L1
+_AHEAD = 16  # lattice points between the blur's prefetch of a neighbour row and its use
+_AHEAD_PIXELS = 4  # pixels between the pass's prefetch of a pixel's bilateral rows and the slice
+_AHEAD_SPLAT = 8  # pixels between the prefetch of a pixel's bilateral splat rows and the splat
+_MIN_PROB = np.float32(np.finfo(np.float32).tiny)  # crf.py's clip: -log p only where p underflowed
+
+
+class CRFSettings(Protocol):
+    """What the engine reads of `deeplab_cli.crf.CRFParams`."""
+
+    bi_w: float
+    bi_xy_std: float
+    bi_rgb_std: float
+    pos_w: float
+    pos_xy_std: float
+    iters: int
+
+
+@dataclass(frozen=True)
+class Kernels:
+    """The two lattices of one image; they depend on the image and the three stds only."""
+
+    height: int
+    width: int
+    gaussian: Lattice  # features (x, y) / pos_xy_std
+    bilateral: Lattice  # features (x, y) / bi_xy_std, (r, g, b) / bi_rgb_std
+
+
+_gaussian_memo: dict[tuple[int, int, float], Lattice] = {}  # the last image size's Gaussian lattice
+_memo_lock = threading.Lock()
+
+
+def prepare(image_rgb: np.ndarray, params: CRFSettings, threads: int = 1) -> Kernels:
+    """Both lattices of an (H, W, 3) uint8 RGB image (the weights and iterations are not used).
+
+    The Gaussian lattice depends only on (H, W, pos_xy_std): the last one is kept and reused.
+    """
+    if image_rgb.ndim != 3 or image_rgb.shape[2] != 3 or image_rgb.dtype != np.uint8:
+        raise ValueError(f"image must be (H, W, 3) uint8, got {image_rgb.shape} {image_rgb.dtype}")
+    height, width = image_rgb.shape[:2]
+    key = (height, width, float(np.float32(params.pos_xy_std)))
+    with _memo_lock:
+        gaussian = _gaussian_memo.get(key)
+    if gaussian is None:
+        gaussian = build_lattice(gaussian_features(height, width, params.pos_xy_std), threads)
+        with _memo_lock:
+            _gaussian_memo.clear()
+            _gaussian_memo[key] = gaussian
+    bilateral = build_lattice(bilateral_features(image_rgb, params.bi_xy_std, params.bi_rgb_std), threads)
+    return Kernels(height, width, gaussian, bilateral)
+
+
+def mean_field(kernels: Kernels, probs: np.ndarray, params: CRFSettings, threads: int = 1) -> np.ndarray:
+    """Mean-field marginals Q, (C, H, W) float32, a view of a fresh (H*W, C) array (class fastest).
+
+    probs: (C, H, W) float32 probabilities of the image `kernels` were prepared from. Uses
+    params.pos_w, params.bi_w and params.iters (the stds are the kernels'). threads: threads used
+    inside this one image; the result does not depend on it. iters == 0 returns probs renormalised.
+    """
+    _check_probs(probs, kernels.height, kernels.width)
+    start = _Start(probs, threads)
+    start.run(threads, initial_q=False)
+    return _iterate(kernels, start, params, threads)
+
+
+def dense_crf(image: np.ndarray, probs: np.ndarray, params: CRFSettings | None = None,
+              threads: int = 1) -> np.ndarray:
+    """`deeplab_cli.crf.dense_crf` computed by this engine: same arguments and (C, H, W) float32
+    result, bit-identical, plus `threads`. params None means DeepLab-LargeFOV's (`CRFParams()`)."""
+    if params is None:
+        from deeplab_cli.crf import CRFParams
+
+        params = CRFParams()
+    if probs.ndim != 3 or probs.shape[1:] != image.shape[:2]:
+        raise ValueError(f"probs must be (C, H, W) with (H, W) = {image.shape[:2]}, got {probs.shape}")
+    if threads <= 1 or int(params.iters) < 1:
+        return mean_field(prepare(image, params, threads), probs, params, threads)
+    # The unary and the initial Q need no lattice: a pool thread computes them while this one builds
+    # the lattices, whose serial steps (hash insertion, norm) would leave it idle.
+    _check_probs(probs, *image.shape[:2])
+    start = _Start(probs, threads)
+    started = start_beside(threads, start.run, 1, True)
+    try:
+        kernels = prepare(image, params, threads)
+    finally:
+        started()  # never leave it writing to this thread's workspace
+    return _iterate(kernels, start, params, threads)
+
+
+def _check_probs(probs: np.ndarray, height: int, width: int) -> None:
+    """Refuse probs that are not (C >= 1, height, width) float32."""
+    n_labels, h, w = probs.shape if probs.ndim == 3 else (0, -1, -1)
+    if (h, w) != (height, width) or probs.dtype != np.float32:
+        raise ValueError(f"probs must be (C, {height}, {width}) float32, got {probs.shape} {probs.dtype}")
+    if n_labels < 1:
+        raise ValueError("probs must have at least one class")
+
+
+def _readonly(array: np.ndarray) -> np.ndarray:
+    """array, made read-only (as a Lattice's arrays are: numba types them apart)."""
+    array.flags.writeable = False
+    return array
+
+
+# Stand-ins for a lattice's arrays in the passes that use none (same numba types: no new compile).
+_NO_OFFSETS = _readonly(np.zeros((0, 1), np.int32))
+_NO_WEIGHTS = _readonly(np.zeros((0, 1), np.float32))
+_NO_NORM = _readonly(np.zeros(0, np.float32))
+
+
+class _Start:
+    """The first steps of one mean field, which need no lattice: -unary and, with several threads,
+    the initial Q. Buffers come from the workspace of the thread that creates it."""
+
+    def __init__(self, probs: np.ndarray, threads: int) -> None:
+        self.probs = probs
+        self.n_labels, self.height, self.width = probs.shape
+        n = self.height * self.width
+        self.row_width = -(-self.n_labels // _LANES) * _LANES
+        self.seq = self.n_labels <= 2  # pydensecrf filters one or two labels with seqCompute
+        ws = workspace()
+        self.ws = ws
+        self.log_p = ws.take("log_p", (self.n_labels, n))
+        self.neg_unary = ws.take("neg_unary", (n, self.row_width))
+        # One thread splats as it goes, from a chunk's rows; several keep Q to gather from.
+        self.rows = ws.take("q", (_CHUNK, self.row_width) if threads <= 1 else (n, self.row_width))
+        self.out = np.empty((n, self.n_labels), np.float32)
+        self.has_initial_q = False
+
+    def run(self, threads: int, initial_q: bool) -> None:
+        """neg_unary = log max(p, tiny) in padded rows (numpy's float32 log on a contiguous array,
+        as crf._unary does) and, if `initial_q` (rows of all pixels), rows = softmax(-unary)."""
+        n = self.height * self.width
+        np.maximum(self.probs.reshape(self.n_labels, n), _MIN_PROB, out=self.log_p)
+        np.log(self.log_p, out=self.log_p)
+        parallel_for(_pad_rows, n, threads, self.log_p, self.neg_unary)
+        if initial_q:
+            none = self.rows[:0]
+            zero = np.float32(0)
+            parallel_for(_pass, n, threads, self.rows, self.rows.reshape(-1), self.neg_unary, self.out, False,
+                         False, self.seq, _NO_OFFSETS, _NO_WEIGHTS, _NO_NORM, none, zero, zero, none,
+                         _NO_OFFSETS, _NO_WEIGHTS, _NO_NORM, none, zero, zero, none)
+            self.has_initial_q = True
+
+
+def _iterate(kernels: Kernels, start: _Start, params: CRFSettings, threads: int) -> np.ndarray:
+    """The mean field from `start` on; returns Q (C, H, W) as `mean_field` does."""
+    ws, rows, row_width, seq = start.ws, start.rows, start.row_width, start.seq
+    n = start.height * start.width
+    g, b = kernels.gaussian, kernels.bilateral
+    g_buffers = (ws.take("g0", (g.n_points + 1, row_width)), ws.take("g1", (g.n_points + 1, row_width)))
+    b_buffers = (ws.take("b0", (b.n_points + 1, row_width)), ws.take("b1", (b.n_points + 1, row_width)))
+    for buffer in (*g_buffers, *b_buffers):
+        buffer[0] = 0  # the missing neighbour
+    inline_splat = threads <= 1
+    none = rows[:0]
+    g_blurred = b_blurred = none
+    iters = int(params.iters)
+    for it in range(-1, iters):  # -1: the initial Q = softmax(-unary)
+        final = it == iters - 1
+        g_splat = b_splat = none
+        if inline_splat and not final:
+            g_splat, b_splat = _other(g_buffers, g_blurred), _other(b_buffers, b_blurred)
+            g_splat[1:] = 0
+            b_splat[1:] = 0
+        if not (it < 0 and start.has_initial_q):
+            parallel_for(_pass, n, threads, rows, rows.reshape(-1), start.neg_unary, start.out, final, it >= 0,
+                         seq, g.offsets, g.weights, g.norm, g_blurred, g.alpha, np.float32(-params.pos_w), g_splat,
+                         b.offsets, b.weights, b.norm, b_blurred, b.alpha, np.float32(-params.bi_w), b_splat)
+        if not final:
+            g_blurred, b_blurred = _filter(rows, g, g_buffers, g_splat, b, b_buffers, b_splat, seq, threads)
+    return start.out.T.reshape(start.n_labels, start.height, start.width)
+
+
+def warm() -> None:
+    """Compile (or load from numba's cache) every kernel once; call in worker initialisers."""
+    from types import SimpleNamespace
+
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (5, 7, 3), dtype=np.uint8)
+    params = SimpleNamespace(bi_w=4.0, bi_xy_std=121.0, bi_rgb_std=5.0, pos_w=3.0, pos_xy_std=3.0, iters=1)
+    kernels = prepare(image, params)
+    for threads in (1, 2):  # the pass that splats, and the gather
+        mean_field(kernels, rng.random((3, 5, 7), dtype=np.float32), params, threads)
+
+
+def _other(buffers: tuple[np.ndarray, np.ndarray], busy: np.ndarray) -> np.ndarray:
+    """The buffer of the pair that `busy` (the lattice being sliced, if any) is not."""
+    return buffers[1] if len(busy) and busy.ctypes.data == buffers[0].ctypes.data else buffers[0]
+
+
+def _filter(q: np.ndarray, g: Lattice, g_buffers: tuple[np.ndarray, np.ndarray], g_splat: np.ndarray,
+            b: Lattice, b_buffers: tuple[np.ndarray, np.ndarray], b_splat: np.ndarray,
+            seq: bool, threads: int) -> tuple[np.ndarray, np.ndarray]:
+    """Splat (unless g_splat and b_splat already hold it) and blur both kernels; returns their
+    (M+1, W) blurred lattices. Each step covers both lattices' points, so that threads meet once
+    per step (gather, then blur axis by axis), not once per kernel and step.
+
+    q: (N, W) Q when gathering; *_buffers: each kernel's two (M+1, W) buffers, row 0 zero.
+    """
+    g_points, b_points = g.n_points, b.n_points
+    if not len(g_splat):
+        g_splat, b_splat = g_buffers[0], b_buffers[0]
+        parallel_for(_gather_pair, g_points + b_points, threads, q, g_points,
+                     g.csr_start, g.csr_pixel, g.csr_weight, g_splat, b.csr_start, b.csr_pixel, b.csr_weight, b_splat)
+    g_source, g_target = g_splat, _other(g_buffers, g_splat)
+    b_source, b_target = b_splat, _other(b_buffers, b_splat)
+    for axis in range(max(g.dims, b.dims) + 1):
+        g_on, b_on = axis <= g.dims, axis <= b.dims
+        split = g_points if g_on else 0
+        parallel_for(_blur_pair, split + (b_points if b_on else 0), threads, axis, split,
+                     g_source, g_target, g.neighbours, b_source, b_target, b.neighbours, seq)
+        if g_on:
+            g_source, g_target = g_target, g_source
+        if b_on:
+            b_source, b_target = b_target, b_source
+    return g_source, b_source
+
+
+# Eigen 3.3.9's pexp<Packet4f> constants (cephes), as float32.
+_EXP_HI = np.float32(88.3762626647950)
+_EXP_LO = np.float32(-88.3762626647949)
+_LOG2EF = np.float32(1.44269504088896341)
+_EXP_C1 = np.float32(0.693359375)
+_EXP_C2 = np.float32(-2.12194440e-4)
+_EXP_P = tuple(np.float32(p) for p in (1.9875691500e-4, 1.3981999507e-3, 8.3334519073e-3,
+                                       4.1665795894e-2, 1.6666665459e-1, 5.0000001201e-1))
+_P0, _P1, _P2, _P3, _P4, _P5 = _EXP_P
+_ONE = np.float32(1)
+_HALF = np.float32(0.5)
+_ZERO = np.float32(0)
+
+
+@intrinsic
+def _float_from_bits(typingctx, bits):
+    """The float32 whose bit pattern is the int32 `bits` (`_mm_castsi128_ps`)."""
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.FloatType())
+
+    return types.float32(types.int32), codegen
+
+
+def _named_intrinsic(typer, name):
+    """intrinsic(typer) under its own name (the factories below make several of each)."""
+    typer.__name__ = typer.__qualname__ = name
+    return intrinsic(typer)
+
+
+def _vector(lanes):
+    """LLVM's <lanes x float>."""
+    return ir.VectorType(ir.FloatType(), lanes)
+
+
+def _block_pointer(context, builder, array_type, array, row, col, lanes):
+    """LLVM pointer to the `lanes` floats array[row, col:col + lanes] of a 2-D float32 array."""
+    view = context.make_array(array_type)(context, builder, array)
+    pointer = cgutils.get_item_pointer2(
+        context, builder, view.data, cgutils.unpack_tuple(builder, view.shape),
+        cgutils.unpack_tuple(builder, view.strides), array_type.layout, [row, col], wraparound=False)
+    return builder.bitcast(pointer, _vector(lanes).as_pointer())
+
+
+def _broadcast(builder, value, lanes):
+    """A vector of `lanes` floats, each `value`."""
+    vector = _vector(lanes)
+    first = builder.insert_element(ir.Constant(vector, ir.Undefined), value, ir.Constant(ir.IntType(32), 0))
+    return builder.shuffle_vector(first, ir.Constant(vector, ir.Undefined),
+                                  ir.Constant(ir.VectorType(ir.IntType(32), lanes), [0] * lanes))
+
+
+def _axpy(lanes):
+    """Intrinsic: dst[dst_row, col:col+lanes] += w * src[src_row, col:col+lanes], a float32 multiply
+    then add (no FMA) on whole vectors: no alias checks or remainder loops in the way."""
+
+    @intrinsic
+    def axpy(typingctx, dst, dst_row, src, src_row, col, w):
+        def codegen(context, builder, signature, args):
+            d = _block_pointer(context, builder, signature.args[0], args[0], args[1], args[4], lanes)
+            s = _block_pointer(context, builder, signature.args[2], args[2], args[3], args[4], lanes)
+            product = builder.fmul(_broadcast(builder, args[5], lanes), builder.load(s, align=4))
+            builder.store(builder.fadd(builder.load(d, align=4), product), d, align=4)
+            return context.get_dummy_value()
+
+        return types.void(dst, types.intp, src, types.intp, types.intp, types.float32), codegen
+
+    return axpy
+
+
+def _slice_block(lanes, blocks):
+    """Intrinsic: acc[0, col:col+n] (n = blocks * lanes) = sum over pixel i's vertices j, in order,
+    of (weights[i, j] * alpha) * values[offsets[i, j] + 1, col:col+n] (sseCompute's slice), the sums
+    kept in `blocks` registers of `lanes` floats, each vertex's offset and weight read once."""
+
+    def slice_block(typingctx, acc, values, offsets, weights, i, col, alpha):
+        def codegen(context, builder, signature, args):
+            acc_t, values_t, offsets_t, weights_t = signature.args[:4]
+            acc, values, offsets, weights, i, col, alpha = args
+            totals = [cgutils.alloca_once_value(builder, ir.Constant(_vector(lanes), None))
+                      for _ in range(blocks)]
+            offsets_view = context.make_array(offsets_t)(context, builder, offsets)
+            weights_view = context.make_array(weights_t)(context, builder, weights)
+            shape = cgutils.unpack_tuple(builder, offsets_view.shape)
+            with cgutils.for_range(builder, shape[1]) as loop:
+                o = builder.load(cgutils.get_item_pointer2(
+                    context, builder, offsets_view.data, shape,
+                    cgutils.unpack_tuple(builder, offsets_view.strides), offsets_t.layout, [i, loop.index],
+                    wraparound=False))
+                w = builder.load(cgutils.get_item_pointer2(
+                    context, builder, weights_view.data, shape,
+                    cgutils.unpack_tuple(builder, weights_view.strides), weights_t.layout, [i, loop.index],
+                    wraparound=False))
+                row = builder.add(builder.sext(o, i.type), ir.Constant(i.type, 1))
+                weight = _broadcast(builder, builder.fmul(w, alpha), lanes)
+                for b, total in enumerate(totals):
+                    at = builder.add(col, ir.Constant(col.type, b * lanes))
+                    v = builder.load(_block_pointer(context, builder, values_t, values, row, at, lanes), align=4)
+                    builder.store(builder.fadd(builder.load(total), builder.fmul(weight, v)), total)
+            zero = context.get_constant(types.intp, 0)
+            for b, total in enumerate(totals):
+                at = builder.add(col, ir.Constant(col.type, b * lanes))
+                pointer = _block_pointer(context, builder, acc_t, acc, zero, at, lanes)
+                builder.store(builder.load(total), pointer, align=4)
+            return context.get_dummy_value()
+
+        return types.void(acc, values, offsets, weights, types.intp, types.intp, types.float32), codegen
+
+    return _named_intrinsic(slice_block, f"slice_block_{blocks}x{lanes}")
+
+
+def _half(builder, vector, high):
+    """The low or high half of an LLVM vector."""
+    lanes = vector.type.count // 2
+    mask = ir.Constant(ir.VectorType(ir.IntType(32), lanes), list(range(high * lanes, (high + 1) * lanes)))
+    return builder.shuffle_vector(vector, ir.Constant(vector.type, ir.Undefined), mask)
+
+
+def _lane(builder, vector, k):
+    """Lane k of an LLVM vector."""
+    return builder.extract_element(vector, ir.Constant(ir.IntType(32), k))
+
+
+def _row24(context, builder, rows_type, rows, r):
+    """Pointers to the three 8-float blocks of rows[r] (a row of 24 floats)."""
+    return [_block_pointer(context, builder, rows_type, rows, r, context.get_constant(types.intp, col), _LANES)
+            for col in (0, _LANES, 2 * _LANES)]
+
+
+@intrinsic
+def _subtract_max24(typingctx, rows, r, n_labels):
+    """rows[r] -= max(rows[r, :n_labels]) for rows of 24 floats and 17 <= n_labels <= 24, in three
+    8-float registers (the maximum is exact in any order; the padding lanes are rewritten later)."""
+
+    def codegen(context, builder, signature, args):
+        rows, r, n_labels = args
+        pointers = _row24(context, builder, signature.args[0], rows, r)
+        v0, v1, v2 = (builder.load(p, align=4) for p in pointers)
+        lane_labels = ir.Constant(ir.VectorType(ir.IntType(64), _LANES), list(range(2 * _LANES, 3 * _LANES)))
+        limit = builder.insert_element(ir.Constant(lane_labels.type, ir.Undefined), n_labels,
+                                       ir.Constant(ir.IntType(32), 0))
+        limit = builder.shuffle_vector(limit, ir.Constant(lane_labels.type, ir.Undefined),
+                                       ir.Constant(ir.VectorType(ir.IntType(32), _LANES), [0] * _LANES))
+        lowest = _broadcast(builder, ir.Constant(ir.FloatType(), -math.inf), _LANES)
+        v2_labels = builder.select(builder.icmp_signed("<", lane_labels, limit), v2, lowest)
+
+        def vmax(a, b):
+            return builder.select(builder.fcmp_ordered(">", a, b), a, b)
+
+        m = vmax(vmax(v0, v1), v2_labels)
+        m = vmax(_half(builder, m, 0), _half(builder, m, 1))
+        m = vmax(_half(builder, m, 0), _half(builder, m, 1))
+        m = vmax(_lane(builder, m, 0), _lane(builder, m, 1))
+        m = _broadcast(builder, m, _LANES)
+        for pointer, v in zip(pointers, (v0, v1, v2)):
+            builder.store(builder.fsub(v, m), pointer, align=4)
+        return context.get_dummy_value()
+
+    return types.void(rows, types.intp, types.intp), codegen
+
+
+@intrinsic
+def _normalise24(typingctx, rows, r, tails, n_labels):
+    """rows[r, :20] and tails[r, :n_labels - 20] (the labels after them), divided by their sum in
+    Eigen 3.3's SSE order, into rows[r] (24 floats, padding 0), for 20 <= n_labels <= 23:
+    a = x[0:4] + x[8:12], b = x[4:8] + x[12:16] (8-float v0 + v1), a += b, a += x[16:20],
+    (a0 + a2) + (a1 + a3), then x[20:n_labels] one by one (`_eigen_sum`)."""
+
+    def codegen(context, builder, signature, args):
+        rows, r, tails, n_labels = args
+        pointers = _row24(context, builder, signature.args[0], rows, r)
+        v0, v1, v2 = (builder.load(p, align=4) for p in pointers)
+        # Lanes 4-7 of v2 from the tails, 0 past the labels (kept in registers: no reload of stores).
+        tail = builder.load(_block_pointer(context, builder, signature.args[2], tails, r,
+                                           context.get_constant(types.intp, 0), 4), align=4)
+        i64s = ir.VectorType(ir.IntType(64), _LANES)
+        spread = builder.shuffle_vector(tail, ir.Constant(tail.type, ir.Undefined),
+                                        ir.Constant(ir.VectorType(ir.IntType(32), _LANES), [0] * 4 + [0, 1, 2, 3]))
+        limit = builder.insert_element(ir.Constant(i64s, ir.Undefined), n_labels, ir.Constant(ir.IntType(32), 0))
+        limit = builder.shuffle_vector(limit, ir.Constant(i64s, ir.Undefined),
+                                       ir.Constant(ir.VectorType(ir.IntType(32), _LANES), [0] * _LANES))
+        labels = ir.Constant(i64s, list(range(16, 24)))
+        zero = ir.Constant(v2.type, [0.0] * _LANES)
+        spread = builder.select(builder.icmp_signed("<", labels, limit), spread, zero)
+        v2 = builder.select(ir.Constant(ir.VectorType(ir.IntType(1), _LANES), [1] * 4 + [0] * 4), v2, spread)
+        ab = builder.fadd(v0, v1)
+        a = builder.fadd(_half(builder, ab, 0), _half(builder, ab, 1))
+        a = builder.fadd(a, _half(builder, v2, 0))
+        total = builder.fadd(builder.fadd(_lane(builder, a, 0), _lane(builder, a, 2)),
+                             builder.fadd(_lane(builder, a, 1), _lane(builder, a, 3)))
+        for k in range(4, 7):  # labels 20-22, where present (label 23 would make 24: another order)
+            present = builder.icmp_signed(">", n_labels, ir.Constant(n_labels.type, 16 + k))
+            total = builder.select(present, builder.fadd(total, _lane(builder, v2, k)), total)
+        total = _broadcast(builder, total, _LANES)
+        for pointer, v in zip(pointers, (v0, v1, v2)):
+            builder.store(builder.fdiv(v, total), pointer, align=4)
+        return context.get_dummy_value()
+
+    return types.void(rows, types.intp, tails, types.intp), codegen
+
+
+_slice8 = _slice_block(_LANES, 1)
+_slice_wide = _slice_block(_LANES, 3)
+_axpy8 = _axpy(_LANES)
+
+
+def _blur_block(lanes, blocks):
+    """Intrinsic: blurred[p, col:col+n] = values[p] + 0.5 * (values[n1] + values[n2]) over those
+    columns (n = blocks * lanes), float32 as sseCompute, on `blocks` vectors of `lanes` floats:
+    no alias checks or remainder loops per point."""
+
+    def blur_block(typingctx, blurred, values, p, n1, n2, col):
+        def codegen(context, builder, signature, args):
+            blurred_t, values_t = signature.args[:2]
+            blurred, values, p, n1, n2, col = args
+            half = _broadcast(builder, ir.Constant(ir.FloatType(), 0.5), lanes)
+            for b in range(blocks):
+                at = builder.add(col, ir.Constant(col.type, b * lanes))
+                own, left, right = (builder.load(_block_pointer(context, builder, values_t, values, row, at, lanes),
+                                                 align=4) for row in (p, n1, n2))
+                result = builder.fadd(own, builder.fmul(half, builder.fadd(left, right)))
+                builder.store(result, _block_pointer(context, builder, blurred_t, blurred, p, at, lanes), align=4)
+            return context.get_dummy_value()
+
+        return types.void(blurred, values, types.intp, types.intp, types.intp, types.intp), codegen
+
+    return _named_intrinsic(blur_block, f"blur_block_{blocks}x{lanes}")
+
+
+def _combine_block(lanes, blocks):
+    """Intrinsic: rows[r, c] = (neg_unary[i, c] - g_compat * (g_acc[0, c] * g_norm))
+    - b_compat * (b_acc[0, c] * b_norm) for c in col..col+n (n = blocks * lanes), DenseCRF's
+    messages subtracted in its order, on `blocks` vectors of `lanes` floats."""
+
+    def combine_block(typingctx, rows, r, neg_unary, i, g_acc, g_compat, g_norm, b_acc, b_compat, b_norm,
+                      col):
+        def codegen(context, builder, signature, args):
+            rows_t, _, unary_t, _, g_acc_t, _, _, b_acc_t = signature.args[:8]
+            rows, r, neg_unary, i, g_acc, g_compat, g_norm, b_acc, b_compat, b_norm, col = args
+            zero = context.get_constant(types.intp, 0)
+            g_compat, g_norm, b_compat, b_norm = (_broadcast(builder, x, lanes)
+                                                  for x in (g_compat, g_norm, b_compat, b_norm))
+            for b in range(blocks):
+                at = builder.add(col, ir.Constant(col.type, b * lanes))
+                unary = builder.load(_block_pointer(context, builder, unary_t, neg_unary, i, at, lanes), align=4)
+                g = builder.load(_block_pointer(context, builder, g_acc_t, g_acc, zero, at, lanes), align=4)
+                bb = builder.load(_block_pointer(context, builder, b_acc_t, b_acc, zero, at, lanes), align=4)
+                value = builder.fsub(unary, builder.fmul(g_compat, builder.fmul(g, g_norm)))
+                value = builder.fsub(value, builder.fmul(b_compat, builder.fmul(bb, b_norm)))
+                builder.store(value, _block_pointer(context, builder, rows_t, rows, r, at, lanes), align=4)
+            return context.get_dummy_value()
+
+        return types.void(rows, types.intp, neg_unary, types.intp, g_acc, types.float32, types.float32,
+                          b_acc, types.float32, types.float32, types.intp), codegen
+
+    return _named_intrinsic(combine_block, f"combine_block_{blocks}x{lanes}")
+
+
+def _gather_block(lanes, blocks):
+    """Intrinsic: values[p+1, col:col+n] (n = blocks * lanes) = sum over point p's CSR entries e, in
+    order, of csr_weight[e] * q[csr_pixel[e], col:col+n]: pydensecrf's splat of point p, summed in
+    `blocks` registers of `lanes` floats from 0 (not through memory: no store-to-load chain per
+    entry), the Q row _AHEAD entries on prefetched."""
+
+    def gather_block(typingctx, values, p, q, csr_start, csr_pixel, csr_weight, col):
+        def codegen(context, builder, signature, args):
+            values_t, _, q_t, start_t, pixel_t, weight_t, _ = signature.args
+            values, p, q, csr_start, csr_pixel, csr_weight, col = args
+            intp = p.type
+            one = ir.Constant(intp, 1)
+
+            def load(array_t, array, index):
+                return builder.load(item_pointer(context, builder, array_t, array, [index]))
+
+            def blocks_of(array_t, array, row):
+                return [_block_pointer(context, builder, array_t, array, row,
+                                       builder.add(col, ir.Constant(intp, b * lanes)), lanes) for b in range(blocks)]
+
+            totals = [cgutils.alloca_once_value(builder, ir.Constant(_vector(lanes), None)) for _ in range(blocks)]
+            begin = builder.sext(load(start_t, csr_start, p), intp)
+            end = builder.sext(load(start_t, csr_start, builder.add(p, one)), intp)
+            last_entry = builder.sub(cgutils.unpack_tuple(
+                builder, context.make_array(pixel_t)(context, builder, csr_pixel).shape)[0], one)
+            last_column = builder.sub(cgutils.unpack_tuple(
+                builder, context.make_array(q_t)(context, builder, q).shape)[1], one)
+            with cgutils.for_range_slice(builder, begin, end, one, intp) as (e, _):
+                ahead = builder.add(e, ir.Constant(intp, _AHEAD))
+                ahead = builder.select(builder.icmp_signed("<", ahead, last_entry), ahead, last_entry)
+                ahead_pixel = builder.sext(load(pixel_t, csr_pixel, ahead), intp)
+                for column in (ir.Constant(intp, 0), last_column):  # a 96-byte row spans two cache lines
+                    emit_prefetch(builder, item_pointer(context, builder, q_t, q, [ahead_pixel, column]))
+                pixel = builder.sext(load(pixel_t, csr_pixel, e), intp)
+                w = _broadcast(builder, load(weight_t, csr_weight, e), lanes)
+                for total, pointer in zip(totals, blocks_of(q_t, q, pixel)):
+                    product = builder.fmul(w, builder.load(pointer, align=4))
+                    builder.store(builder.fadd(builder.load(total), product), total)
+            for total, pointer in zip(totals, blocks_of(values_t, values, builder.add(p, one))):
+                builder.store(builder.load(total), pointer, align=4)
+            return context.get_dummy_value()
+
+        return types.void(values, types.intp, q, csr_start, csr_pixel, csr_weight, types.intp), codegen
+
+    return _named_intrinsic(gather_block, f"gather_block_{blocks}x{lanes}")
+
+
+_gather8 = _gather_block(_LANES, 1)
+_gather_wide = _gather_block(_LANES, 3)
+_combine8 = _combine_block(_LANES, 1)
+_combine_wide = _combine_block(_LANES, 3)
+_blur8 = _blur_block(_LANES, 1)
+_blur_wide = _blur_block(_LANES, 3)
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _axpy_row(dst, dst_row, src, src_row, w):
+    """dst[dst_row] += w * src[src_row] for rows of a multiple of 8 floats, 8 at a time (16-float
+    vectors measured no faster on AVX-512)."""
+    for col in range(0, dst.shape[1], _LANES):
+        _axpy8(dst, dst_row, src, src_row, col, w)
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _slice(acc, values, offsets, weights, i, alpha):
+    """acc[0] = pixel i's slice of the blurred lattice, as sseCompute computes it. Whole rows of
+    _WIDE floats at a time, so that each vertex's offset and weight are read once per row."""
+    width = acc.shape[1]
+    wide = width // _WIDE * _WIDE
+    for col in range(0, wide, _WIDE):
+        _slice_wide(acc, values, offsets, weights, i, col, alpha)
+    for col in range(wide, width, _LANES):
+        _slice8(acc, values, offsets, weights, i, col, alpha)
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _pexp(x0):
+    """Eigen's SSE2 `pexp<Packet4f>` on one lane: the same float32 operations, no FMA."""
+    x = x0 if x0 < _EXP_HI else _EXP_HI  # _mm_min_ps
+    x = x if x > _EXP_LO else _EXP_LO  # _mm_max_ps
+    fx = x * _LOG2EF + _HALF
+    tmp = np.float32(np.int32(fx))  # floor through truncation, as without SSE4.1
+    fx = tmp - (_ONE if tmp > fx else _ZERO)
+    x = x - fx * _EXP_C1
+    x = x - fx * _EXP_C2
+    z = x * x
+    y = _P0 * x + _P1
+    y = y * x + _P2
+    y = y * x + _P3
+    y = y * x + _P4
+    y = y * x + _P5
+    y = y * z + x
+    y = y + _ONE
+    y = y * _float_from_bits(np.int32((np.int32(fx) + 127) << 23))
+    return y if y > x0 else x0
+
+
+@njit(cache=True, nogil=True)
+def _pass(lo, hi, rows, rows_flat, neg_unary, out, final, pairwise, seq,
+          g_offsets, g_weights, g_norm, g_blurred, g_alpha, g_compat, g_splat,
+          b_offsets, b_weights, b_norm, b_blurred, b_alpha, b_compat, b_splat):
+    """Q of pixels lo..hi-1: softmax(-unary - sum over kernels of compat * (slice * norm)).
+
+    rows: (N, W) float32 Q (W = label count padded to _LANES), or a (_CHUNK, W) scratch when the
+    pass splats; rows_flat: the same memory, 1-D (numba's reshape would compile for seconds);
+    neg_unary: (N, W) float32 log p, padding 0; out: (N, C) float32, written instead when `final`.
+    Without `pairwise`, Q = softmax(-unary), the initial Q. compat = -weight (Potts); the messages
+    are subtracted as DenseCRF::inference does. g_splat / b_splat: (M+1, W) lattices
+    to splat Q onto, pixel by pixel (pydensecrf's order), or 0-row arrays for none.
+    """
+    n_labels = out.shape[1]
+    width = rows.shape[1]
+    full = n_labels // 4 * 4
+    g_acc = np.empty((1, width), np.float32)
+    b_acc = np.empty((1, width), np.float32)
+    tails = np.empty((_CHUNK, 4), np.float32)  # expf of the labels after the last 4-float packet
+    last = len(neg_unary) - 1
+    for start in range(lo, hi, _CHUNK):
+        stop = min(hi, start + _CHUNK)
+        count = stop - start
+        first = start if len(rows) == len(neg_unary) else 0
+        chunk = rows[first:first + count]
+        # Each step is a loop of its own over the chunk's rows, so that each vectorises.
+        for r in range(count):
+            i = start + r
+            if pairwise:
+                # The bilateral lattice is larger than the caches and its rows are scattered.
+                _prefetch_vertices(b_blurred, b_offsets, min(i + _AHEAD_PIXELS, last))
+                if seq:
+                    _slice_seq(g_acc, g_blurred, g_offsets, g_weights, i, g_alpha)
+                    _slice_seq(b_acc, b_blurred, b_offsets, b_weights, i, b_alpha)
+                else:
+                    _slice(g_acc, g_blurred, g_offsets, g_weights, i, g_alpha)
+                    _slice(b_acc, b_blurred, b_offsets, b_weights, i, b_alpha)
+                g_norm_i = g_norm[i]
+                b_norm_i = b_norm[i]
+                wide = width // _WIDE * _WIDE
+                for col in range(0, wide, _WIDE):
+                    _combine_wide(chunk, r, neg_unary, i, g_acc, g_compat, g_norm_i, b_acc, b_compat, b_norm_i, col)
+                for col in range(wide, width, _LANES):
+                    _combine8(chunk, r, neg_unary, i, g_acc, g_compat, g_norm_i, b_acc, b_compat, b_norm_i, col)
+            else:
+                for k in range(width):
+                    chunk[r, k] = neg_unary[i, k]
+        # Eigen's expAndNormalize: subtract the max, pexp on the labels before the last full
+        # 4-float packet, expf on the rest, divide by the sum taken in Eigen's order.
+        rows24 = width == 3 * _LANES  # 17-24 labels, VOC's 21: whole rows in registers
+        for r in range(count):
+            if rows24:
+                _subtract_max24(chunk, r, n_labels)
+            else:
+                m = _row_max(chunk, r, n_labels)
+                for k in range(width):
+                    chunk[r, k] = chunk[r, k] - m
+        for r in range(count):
+            for k in range(full, n_labels):
+                tails[r, k - full] = math.exp(chunk[r, k])
+        flat = rows_flat[first * width:(first + count) * width]  # one loop, so that it vectorises
+        for k in range(len(flat)):
+            flat[k] = _pexp(flat[k])
+        for r in range(count):
+            if rows24 and full == 20:
+                _normalise24(chunk, r, tails, n_labels)
+            else:
+                for k in range(full, width):
+                    chunk[r, k] = tails[r, k - full] if k < n_labels else np.float32(0)
+                s = _eigen_sum(chunk, r, n_labels)
+                for k in range(width):
+                    chunk[r, k] = chunk[r, k] / s
+        if final:
+            for r in range(count):  # loops: an array assignment compiles numba's broadcasting (seconds)
+                for k in range(n_labels):
+                    out[start + r, k] = chunk[r, k]
+        elif len(g_splat):
+            for r in range(count):  # one lattice at a time: measured faster than interleaved
+                _scatter(g_splat, g_offsets, g_weights, start + r, chunk, r)
+            for r in range(count):
+                _prefetch_vertices_for_write(b_splat, b_offsets, min(start + r + _AHEAD_SPLAT, last))
+                _scatter(b_splat, b_offsets, b_weights, start + r, chunk, r)
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _row_max(rows, r, n_labels):
+    """max(rows[r, :n_labels]) through 8 running maxima (exact in any order; vectorises)."""
+    if n_labels < 8:
+        m = rows[r, 0]
+        for k in range(1, n_labels):
+            m = max(m, rows[r, k])
+        return m
+    m0, m1, m2, m3 = rows[r, 0], rows[r, 1], rows[r, 2], rows[r, 3]
+    m4, m5, m6, m7 = rows[r, 4], rows[r, 5], rows[r, 6], rows[r, 7]
+    whole = n_labels // 8 * 8
+    for b in range(8, whole, 8):
+        m0, m1 = max(m0, rows[r, b]), max(m1, rows[r, b + 1])
+        m2, m3 = max(m2, rows[r, b + 2]), max(m3, rows[r, b + 3])
+        m4, m5 = max(m4, rows[r, b + 4]), max(m5, rows[r, b + 5])
+        m6, m7 = max(m6, rows[r, b + 6]), max(m7, rows[r, b + 7])
+    for k in range(whole, n_labels):
+        m0 = max(m0, rows[r, k])
+    return max(max(max(m0, m4), max(m2, m6)), max(max(m1, m5), max(m3, m7)))
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _eigen_sum(rows, r, n_labels):
+    """Sum of rows[r, :n_labels] in Eigen 3.3's order for a 16-byte aligned VectorXf on SSE: two
+    packet accumulators over pairs of 4-float packets, an odd packet, (a0 + a2) + (a1 + a3), then
+    the labels after the last full packet one by one."""
+    full = n_labels // 4 * 4
+    if full == 0:
+        s = rows[r, 0]
+        for k in range(1, n_labels):
+            s += rows[r, k]
+        return s
+    a0, a1, a2, a3 = rows[r, 0], rows[r, 1], rows[r, 2], rows[r, 3]
+    if full > 4:
+        b0, b1, b2, b3 = rows[r, 4], rows[r, 5], rows[r, 6], rows[r, 7]
+        paired = n_labels // 8 * 8
+        for k in range(8, paired, 8):
+            a0, a1, a2, a3 = a0 + rows[r, k], a1 + rows[r, k + 1], a2 + rows[r, k + 2], a3 + rows[r, k + 3]
+            b0, b1, b2, b3 = b0 + rows[r, k + 4], b1 + rows[r, k + 5], b2 + rows[r, k + 6], b3 + rows[r, k + 7]
+        a0, a1, a2, a3 = a0 + b0, a1 + b1, a2 + b2, a3 + b3
+        if full > paired:
+            k = paired
+            a0, a1, a2, a3 = a0 + rows[r, k], a1 + rows[r, k + 1], a2 + rows[r, k + 2], a3 + rows[r, k + 3]
+    s = (a0 + a2) + (a1 + a3)
+    for k in range(full, n_labels):
+        s += rows[r, k]
+    return s
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _slice_seq(acc, values, offsets, weights, i, alpha):
+    """acc[0] (W,) = pixel i's slice as seqCompute computes it (one or two labels): the sum over its
+    vertices, in order, of (w * v) * alpha."""
+    width = acc.shape[1]
+    for k in range(width):
+        acc[0, k] = 0
+    for j in range(offsets.shape[1]):
+        o = offsets[i, j] + 1
+        w = weights[i, j]
+        for k in range(width):
+            acc[0, k] += w * values[o, k] * alpha
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _prefetch_row(values, row):
+    """Prefetch values[row] (W floats): its first and last cache line (a 96-byte row spans two)."""
+    prefetch(values, row, 0)
+    prefetch(values, row, values.shape[1] - 1)
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _prefetch_vertices(values, offsets, i):
+    """Prefetch the rows of values that pixel i's vertices slice from or splat onto."""
+    for j in range(offsets.shape[1]):
+        _prefetch_row(values, offsets[i, j] + 1)
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _prefetch_vertices_for_write(values, offsets, i):
+    """Prefetch, to be written, the rows of values that pixel i's vertices splat onto."""
+    for j in range(offsets.shape[1]):
+        prefetch_for_write(values, offsets[i, j] + 1, 0)
+        prefetch_for_write(values, offsets[i, j] + 1, values.shape[1] - 1)
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _scatter(values, offsets, weights, i, rows, r):
+    """values[vertex + 1] += w * rows[r] for each vertex of pixel i, in order (pydensecrf's splat)."""
+    for j in range(offsets.shape[1]):
+        o = offsets[i, j] + 1
+        w = weights[i, j]
+        _axpy_row(values, o, rows, r, w)
+
+
+@njit(cache=True, nogil=True)
+def _gather(lo, hi, q, csr_start, csr_pixel, csr_weight, values):
+    """values[p+1] = sum over point p's pixels, ascending, of w * Q[pixel], for points lo..hi-1:
+    pydensecrf's splat, summed in its order. q: (N, W) float32; values: (M+1, W) float32."""
+    width = values.shape[1]
+    wide = width // _WIDE * _WIDE
+    for p in range(lo, hi):
+        for col in range(0, wide, _WIDE):
+            _gather_wide(values, p, q, csr_start, csr_pixel, csr_weight, col)
+        for col in range(wide, width, _LANES):
+            _gather8(values, p, q, csr_start, csr_pixel, csr_weight, col)
+
+
+@njit(cache=True, nogil=True)
+def _gather_pair(lo, hi, q, split, g_start, g_pixel, g_weight, g_values, b_start, b_pixel, b_weight, b_values):
+    """`_gather` of points lo..hi-1 of two lattices numbered one after the other: the first `split`
+    are the first lattice's (g), the rest the second's (b)."""
+    if lo < split:
+        _gather(lo, min(hi, split), q, g_start, g_pixel, g_weight, g_values)
+    if hi > split:
+        _gather(max(lo, split) - split, hi - split, q, b_start, b_pixel, b_weight, b_values)
+
+
+@njit(cache=True, nogil=True)
+def _blur_pair(lo, hi, axis, split, g_values, g_blurred, g_neighbours, b_values, b_blurred, b_neighbours, seq):
+    """`_blur` along `axis` of points lo..hi-1 of two lattices numbered one after the other: the
+    first `split` are the first lattice's (g), the rest the second's (b)."""
+    if lo < split:
+        _blur(lo, min(hi, split), axis, g_values, g_blurred, g_neighbours, seq)
+    if hi > split:
+        _blur(max(lo, split) - split, hi - split, axis, b_values, b_blurred, b_neighbours, seq)
+
+
+@njit(cache=True, nogil=True)
+def _blur(lo, hi, axis, values, blurred, neighbours, seq):
+    """blurred = v + 0.5 * (v[n1] + v[n2]) along one axis for points lo..hi-1, in float32
+    (sseCompute) or with seqCompute's double 0.5. values, blurred: (M+1, W) float32, row 0 zero."""
+    width = values.shape[1]
+    m = neighbours.shape[1]
+    for p in range(lo, hi):
+        ahead = min(p + _AHEAD, m - 1)
+        _prefetch_row(values, neighbours[axis, ahead, 0] + 1)
+        _prefetch_row(values, neighbours[axis, ahead, 1] + 1)
+        n1 = neighbours[axis, p, 0] + 1
+        n2 = neighbours[axis, p, 1] + 1
+        if seq:
+            for k in range(width):
+                blurred[p + 1, k] = np.float32(np.float64(values[p + 1, k])
+                                               + 0.5 * np.float64(values[n1, k] + values[n2, k]))
+        else:
+            wide = width // _WIDE * _WIDE
+            for col in range(0, wide, _WIDE):
+                _blur_wide(blurred, values, p + 1, n1, n2, col)
+            for col in range(wide, width, _LANES):
+                _blur8(blurred, values, p + 1, n1, n2, col)
+
+
+@njit(cache=True, nogil=True)
+def _pad_rows(lo, hi, log_p, padded):
+    """padded[lo:hi] (rows, W) = log_p[:, lo:hi] (C, N) transposed, padding lanes 0."""
+    n_labels = log_p.shape[0]
+    for start in range(lo, hi, _CHUNK):
+        stop = min(hi, start + _CHUNK)
+        padded[start:stop, n_labels:] = 0
+        for c in range(n_labels):
+            for i in range(start, stop):
+                padded[i, c] = log_p[c, i]
