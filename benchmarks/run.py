@@ -38,13 +38,15 @@ import deeplab_cli
 from deeplab_cli.crf import CRFParams, dense_crf
 from deeplab_cli.model import VOC_MEAN_BGR, Conv, Pool, build_onnx, check_weights, largefov_layers
 from deeplab_cli.outputs import VOC_CLASSES, read_index_png, voc_palette, write_index_png
-from deeplab_cli.runner import refine, usable_cores
 from deeplab_cli.runtime import CUDA, open_session
-from deeplab_cli.upsample import caffe_interp, labels_from_scores, softmax
+from deeplab_cli.scheduling import usable_cores
+from deeplab_cli.stages import apply_crf
+from deeplab_cli.upsample import caffe_interp, labels_at_size, labels_from_scores, softmax
 
 VOC_SIZE = (375, 500)  # (H, W) of VOC's usual landscape photo; portraits are (500, 375)
 TARGETS = {"serial": 1.5, "pytorch": 1.6, "matmul": 0.85, "outside": 0.05, "labels": 0.999,
-           "gpu fp16": 300.0, "crf bound": 0.9, "tune": 3.0}
+           "gpu fp16": 300.0, "crf bound": 0.9, "tune": 3.0, "crf 1 thread": 2.5, "crf 2 threads": 3.0,
+           "crf labels": 0.9999, "crf dq": 1e-5, "compile": 10.0}
 # Variables that change BLAS or OpenMP behaviour: printed, never changed.
 THREAD_ENV_PREFIXES = ("OPENBLAS_", "OMP_", "MKL_", "GOTO", "NVPL_", "ORT_")
 
@@ -285,7 +287,7 @@ def serial_baseline(paths: list[Path], model: Path, out: Path, threads: int) -> 
         t2 = time.perf_counter()
         probs = softmax(caffe_interp(logits, *image.shape[:2]))
         t3 = time.perf_counter()
-        # RGB, as DeepLab's CRF binary read its PPM files (and as deeplab_cli.runner passes it).
+        # RGB, as DeepLab's CRF binary read its PPM files (and as deeplab_cli.stages passes it).
         marginals = dense_crf(image[..., ::-1], probs, params, backend="pydensecrf")
         t4 = time.perf_counter()
         mask = labels_from_scores(marginals)
@@ -399,7 +401,7 @@ def crf_task(item: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
     """A CRF worker's share of an image, by the code `segment`'s workers run: (H, W, 3) uint8 BGR and
     (C, H, W) float32 probabilities in, (H, W) uint8 labels out."""
     image, probs = item
-    return refine(image, probs, CRFParams(), image.shape[:2])[1]
+    return labels_at_size(apply_crf(image, probs, CRFParams()), *image.shape[:2])
 
 
 def crf_alone(paths: list[Path], model: Path, cores: int, count: int) -> Run:
@@ -458,6 +460,30 @@ def tune_rows(paths: list[Path], model: Path, work: Path, count: int, size: tupl
     return rows[0], rows[1], tables[0] == tables[1]
 
 
+def crf_alone_per_backend(rounds: int) -> tuple[list[str], list[list[str]]]:
+    """benchmarks/crf.py's rows (the CRF alone per backend on 500x375 photos, side by side) as markdown lines,
+    and their checks: speed-ups on one and two threads, labels and max |dQ| against pydensecrf, compile time."""
+    import crf as crf_bench  # benchmarks/crf.py, beside this script
+
+    _, rows = crf_bench.measure(rounds=rounds)
+    by_name = {row.name: row for row in rows}
+    one, two = by_name["numba, 1 thread"], by_name["numba, 2 threads"]
+    cold_import, cold_warm, cached_import, cached_warm = crf_bench.compile_times()
+    lines = [*crf_bench.markdown(rows), "",
+             f"numba compile, cold (empty cache): import {cold_import:.2f} s + warm() {cold_warm:.2f} s; cached: "
+             f"import {cached_import:.2f} s + warm() {cached_warm:.2f} s"]
+    checks = [
+        check_row("CRF alone, 1 thread / pydensecrf", one.speedup, TARGETS["crf 1 thread"], True),
+        check_row("CRF alone, 2 threads on one image / pydensecrf", two.speedup, TARGETS["crf 2 threads"], True),
+        check_row("CRF labels == pydensecrf, least over the photos", min(r.labels for r in rows),
+                  TARGETS["crf labels"], True, percent=True),
+        check_row("CRF max abs dQ against pydensecrf (lower is better)", max(r.max_dq for r in rows),
+                  TARGETS["crf dq"], False),
+        check_row("numba cold compile, s (lower is better)", cold_import + cold_warm, TARGETS["compile"], False),
+    ]
+    return lines, checks
+
+
 def copies(paths: list[Path], folder: Path, count: int) -> list[Path]:
     """At least `count` images in `folder`: `paths` under their own names, then hard links to them."""
     folder.mkdir()
@@ -497,7 +523,7 @@ def machine_lines(threads: int) -> list[str]:
 def check_row(name: str, value: float | None, target: float, higher: bool, percent: bool = False) -> list[str]:
     if value is None:
         return [name, "-", "", "SKIP"]
-    shown = f"{100 * value:.2f}%" if percent else f"{value:.2f}"
+    shown = f"{100 * value:.2f}%" if percent else (f"{value:.1e}" if 0 < abs(value) < 0.01 else f"{value:.2f}")
     goal = f"{100 * target:g}%" if percent else f"{target:g}"
     ok = value >= target if higher else value < target
     return [name, shown, f"{'>=' if higher else '<'} {goal}", "PASS" if ok else "FAIL"]
@@ -645,6 +671,10 @@ def measure(paths: list[Path], weights, work: Path, threads: int, gpu_batch: int
             for key in results[0][0]}
     labels = results[-1][1]
     checks = {name: agreement(labels[key], labels["serial"]) for key, name in LABEL_CHECKS.items() if key in labels}
+    crf_rows, crf_checks = [], []
+    if cpu_rows:
+        progress("the CRF alone per backend, on 500x375 photos")
+        crf_rows, crf_checks = crf_alone_per_backend(rounds)
     if cpu_rows and tune:
         progress(f"crf tune on the default grid, {tune[0]} images, with pydensecrf then numba")
         runs["tune before"], runs["tune after"], same = measured(tune_rows, paths, models["cpu"], work, *tune)
@@ -652,7 +682,7 @@ def measure(paths: list[Path], weights, work: Path, threads: int, gpu_batch: int
     if "torch" in labels:
         notes.append(f"labels: PyTorch == serial on {100 * agreement(labels['torch'], labels['serial']):.3f}% of "
                      "pixels (other convolution kernels, so not bit-identical)")
-    return Measurements(runs, checks, notes)
+    return Measurements(runs, checks, notes, crf_rows, crf_checks)
 
 
 def tables(m: Measurements) -> tuple[list[str], list[list[str]], list[str], list[list[str]], list[str]]:
@@ -769,7 +799,10 @@ def main() -> None:
                     tune=(min(args.tune_images, args.images), args.tune_size) if args.tune_images else None)
 
     header, rows, check_header, checks, notes = tables(m)
+    checks += m.crf_checks
     print(f"\n{text_table(header, rows)}\n\n{text_table(check_header, checks)}\n")
+    if m.crf:
+        print("\n".join(["The CRF alone per backend:", *m.crf, ""]))
     print("\n".join(notes))
     print(f"\ncommand: {command}")
     if args.markdown:
@@ -793,6 +826,8 @@ def main() -> None:
             "",
             markdown_table(check_header, checks),
             "",
+            *(["The CRF alone per backend (DeepLab's settings, 21 labels, 10 iterations, 500x375 photos; "
+               "best of the rounds, mean per image):", "", *m.crf, ""] if m.crf else []),
             *[f"- {line}" for line in notes],
             "",
         ]))

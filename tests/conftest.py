@@ -149,3 +149,30 @@ def photo_folder(tmp_path):
     (root / "empty.png").write_bytes(b"")
     (root / "notes.png").write_text("not an image\n")
     return root
+
+
+# The pipeline's, the lanes' and the stages' tests share these.
+@pytest.fixture(scope="module")
+def session(onnx_model):
+    from deeplab_cli.runtime import open_session
+
+    return open_session(onnx_model, "cpu", spin=False)
+
+
+@pytest.fixture
+def folder(tmp_path):
+    import cv2
+
+    root = tmp_path / "img"
+    root.mkdir()
+    for i, size in enumerate([(40, 52), (40, 52), (33, 47), (40, 52), (61, 30)]):
+        cv2.imwrite(str(root / f"{i}.png"), natural_image(*size, seed=40 + i))
+    (root / "5.png").write_text("not an image")
+    return root
+
+
+@pytest.fixture(scope="module")
+def probs_session(probs_model):
+    from deeplab_cli.runtime import open_session
+
+    return open_session(probs_model, "cpu")

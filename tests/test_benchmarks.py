@@ -45,6 +45,12 @@ def test_the_report_holds_every_row_and_check(tmp_path):
                 "| deeplab crf tune --crf-backend numba |"):
         assert row in report, row
     assert "| crf tune: the same table with either backend | 100.00% | >= 100% | PASS |" in report
+    # The CRF alone per backend, bit-identical to pydensecrf.
+    for row in ("| pydensecrf2 1.1 (1 thread) |", "| numba, 1 thread |", "| numba, 2 threads |"):
+        assert row in report, row
+    assert "| CRF labels == pydensecrf, least over the photos | 100.00% | >= 99.99% | PASS |" in report
+    assert "| CRF max abs dQ against pydensecrf (lower is better) | 0.00 | < 1e-05 | PASS |" in report
+    assert "numba compile, cold (empty cache)" in report
     assert f"PYTHONPATH=src python benchmarks/run.py {' '.join(SMALL)}" in report
     assert "3 JPEGs" in report and "3 at 80x64, 0 at 64x80" in report
     gpu_checks = ("GPU network float16, images/s", "segment --device cuda / CRF alone on every core")

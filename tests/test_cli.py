@@ -278,10 +278,11 @@ def test_unwritable_output_folder_is_a_usage_error(photo_folder, onnx_model, tmp
 
 
 def test_segment_shares_the_cores(photo_folder, onnx_model, tmp_path, monkeypatch):
-    from deeplab_cli import runner, runtime
+    from deeplab_cli import lanes as lanes_module
+    from deeplab_cli import runtime, scheduling
 
     opened, lanes = [], []
-    real_open, real_lanes = runtime.open_session, runner.segment_lanes
+    real_open, real_lanes = runtime.open_session, lanes_module.segment_lanes
 
     def open_session(path, device, threads, spin=True):
         opened.append((threads, spin))
@@ -292,8 +293,8 @@ def test_segment_shares_the_cores(photo_folder, onnx_model, tmp_path, monkeypatc
         return real_lanes(jobs, model_path, settings, workers, threads)
 
     monkeypatch.setattr(runtime, "open_session", open_session)
-    monkeypatch.setattr(runner, "segment_lanes", segment_lanes)
-    monkeypatch.setattr(runner, "usable_cores", lambda: 2)
+    monkeypatch.setattr(lanes_module, "segment_lanes", segment_lanes)
+    monkeypatch.setattr(scheduling, "usable_cores", lambda: 2)
     args = (photo_folder / "cats", "-m", onnx_model, "--device", "cpu", "--no-crf")
     assert segment(*args, "--out", tmp_path / "a").exit_code == 0
     assert lanes == [(2, 1)]  # a single-threaded lane per core, each through every stage
@@ -353,10 +354,10 @@ def test_a_full_disk_stops_the_batch_with_one_line_and_a_rerun_resumes(onnx_mode
 
 
 def test_an_output_disk_turned_read_only_part_way_stops_the_batch(onnx_model, small_disk, tmp_path, monkeypatch):
-    from deeplab_cli import runner
+    from deeplab_cli import outputs
 
     subprocess.run(["mount", "-o", "remount,size=64m", str(small_disk)], check=True)
-    real, written = runner.write_outputs, []
+    real, written = outputs.write_outputs, []
 
     def write_then_remount(*args, **kwargs):
         real(*args, **kwargs)
@@ -364,7 +365,7 @@ def test_an_output_disk_turned_read_only_part_way_stops_the_batch(onnx_model, sm
         if len(written) == 3:  # as when a file system errors out and the kernel remounts it read-only
             subprocess.run(["mount", "-o", "remount,ro", str(small_disk)], check=True)
 
-    monkeypatch.setattr(runner, "write_outputs", write_then_remount)
+    monkeypatch.setattr(outputs, "write_outputs", write_then_remount)
     out = small_disk / "m"
     result = segment(eight_photos(tmp_path / "img"), "--out", out, "-m", onnx_model, "--no-crf", "-j", "0")
     assert result.exit_code == 1
@@ -502,17 +503,18 @@ def test_an_image_over_the_pixel_limit_fails_alone_before_decoding(photo_folder,
 
 def test_lanes_are_capped_by_an_injected_memory_limit_and_every_mask_is_written(photo_folder, onnx_model, tmp_path,
                                                                               monkeypatch):
-    from deeplab_cli import memory, runner
+    from deeplab_cli import lanes as lanes_module
+    from deeplab_cli import memory, scheduling
     from test_memory import GB, fake_system
 
     proc, cgroup = fake_system(tmp_path / "sys", ["0::/job"], {"job/memory.max": str(GB), "job/memory.current": "0"},
                                mem_available_kb=20 * GB // 1024)
     real = memory.available_memory
     monkeypatch.setattr(memory, "available_memory", lambda: real(proc, cgroup))  # a 1 GiB cgroup limit
-    monkeypatch.setattr(runner, "usable_cores", lambda: 2)
+    monkeypatch.setattr(scheduling, "usable_cores", lambda: 2)
     lanes = []
-    real_lanes = runner.segment_lanes
-    monkeypatch.setattr(runner, "segment_lanes", lambda jobs, model, settings, n, threads: lanes.append(n) or
+    real_lanes = lanes_module.segment_lanes
+    monkeypatch.setattr(lanes_module, "segment_lanes", lambda jobs, model, settings, n, threads: lanes.append(n) or
                         real_lanes(jobs, model, settings, n, threads))
     result = segment(photo_folder, "-r", "--out", tmp_path / "m", "-m", onnx_model, "--device", "cpu")
     assert result.exit_code == 1  # the three bad files, as always

@@ -23,7 +23,7 @@ pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:ray.data.con
 
 import deeplab_cli  # noqa: E402
 from conftest import natural_image  # noqa: E402
-from deeplab_cli import ray_engine, runner  # noqa: E402
+from deeplab_cli import pipeline, ray_engine, stages  # noqa: E402
 from deeplab_cli.crf import CRFParams  # noqa: E402
 from deeplab_cli.errors import RuntimeSetupError, UsageError  # noqa: E402
 from deeplab_cli.inputs import collect  # noqa: E402
@@ -124,9 +124,9 @@ def outputs(folder: Path) -> dict[str, bytes]:
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-def local(jobs, onnx_model, settings) -> dict[str, runner.Result]:
+def local(jobs, onnx_model, settings) -> dict[str, stages.Result]:
     session = open_session(onnx_model, "cpu", spin=False)
-    return {r.job.key: r for r in runner.segment(jobs, session, settings)}
+    return {r.job.key: r for r in pipeline.segment(jobs, session, settings)}
 
 
 @pytest.mark.parametrize("graph,crf,formats", [
@@ -134,10 +134,10 @@ def local(jobs, onnx_model, settings) -> dict[str, runner.Result]:
     ("probs", None, ("index",)),  # labels for the images seen whole, probabilities for the downscaled one
 ])
 def test_stages_compose_into_the_local_engine_outputs(folder, onnx_model, probs_model, tmp_path, graph, crf, formats):
-    """The stages are plain functions of numpy batches: chained by hand they write what runner writes."""
+    """The stages are plain functions of numpy batches: chained by hand they write what pipeline.segment writes."""
     model = onnx_model if graph == "logits" else probs_model
     jobs = collect([str(folder)])
-    settings = runner.Settings(out=tmp_path / "stages", formats=formats, crf=crf, max_size=56)
+    settings = stages.Settings(out=tmp_path / "stages", formats=formats, crf=crf, max_size=56)
     batch = {"source": np.array([str(job.source) for job in jobs], object),
              "key": np.array([job.key for job in jobs], object)}
     batch = ray_engine.load_batch(batch, settings)
@@ -150,7 +150,7 @@ def test_stages_compose_into_the_local_engine_outputs(folder, onnx_model, probs_
     rows = ray_engine.crf_batch(batch, settings)
     assert set(rows) == {"source", "key", "status", "error", "timings", "stops_batch"}
     statuses = dict(zip(rows["key"], rows["status"]))
-    expected = local(jobs, model, runner.Settings(out=tmp_path / "local", formats=formats, crf=crf, max_size=56))
+    expected = local(jobs, model, stages.Settings(out=tmp_path / "local", formats=formats, crf=crf, max_size=56))
     assert statuses == {key: r.status for key, r in expected.items()}
     assert outputs(tmp_path / "stages") == outputs(tmp_path / "local")
 
@@ -170,9 +170,9 @@ def test_placement_defaults_and_device_checks():
 def test_two_node_cluster_writes_what_the_local_engine_writes(cluster, folder, onnx_model, tmp_path):
     jobs = collect([str(folder)])
     formats = ("index", "overlay", "probs", "logits")
-    settings = runner.Settings(out=tmp_path / "ray", formats=formats, max_size=56)
+    settings = stages.Settings(out=tmp_path / "ray", formats=formats, max_size=56)
     results = list(ray_engine.segment(jobs, onnx_model, settings, address=cluster, batch_size=2))
-    expected = local(jobs, onnx_model, runner.Settings(out=tmp_path / "local", formats=formats, max_size=56))
+    expected = local(jobs, onnx_model, stages.Settings(out=tmp_path / "local", formats=formats, max_size=56))
 
     assert len(results) == len(jobs) and not ray.is_initialized()  # it disconnected when done
     by_key = {r.job.key: r for r in results}
@@ -198,7 +198,7 @@ def test_workers_killed_mid_run_lose_nothing(cluster, tmp_path, onnx_model):
     jobs = collect([str(root)])
     # Enough mean-field iterations that each image's CRF task runs for most of a second: a window to kill it in.
     crf = CRFParams(iters=40)
-    settings = runner.Settings(out=tmp_path / "ray", crf=crf)
+    settings = stages.Settings(out=tmp_path / "ray", crf=crf)
     # Process titles while a worker runs that stage (Ray sets them; an idle worker is "ray::IDLE").
     targets = {b"ray::MapBatches(crf_batch)": None, b"ray::MapWorker(MapBatches(NetworkStage))": None}
     done = threading.Event()
@@ -227,7 +227,7 @@ def test_workers_killed_mid_run_lose_nothing(cluster, tmp_path, onnx_model):
     assert None not in targets.values(), f"not seen running: {targets}"
     assert sorted(r.job.key for r in results) == [str(i) for i in range(6)]
     assert all(r.status == "ok" for r in results), [r.error for r in results]
-    local(jobs, onnx_model, runner.Settings(out=tmp_path / "local", crf=crf))
+    local(jobs, onnx_model, stages.Settings(out=tmp_path / "local", crf=crf))
     assert outputs(tmp_path / "ray") == outputs(tmp_path / "local")
 
 
@@ -235,7 +235,7 @@ def test_workers_killed_mid_run_lose_nothing(cluster, tmp_path, onnx_model):
 def test_a_model_the_actors_cannot_load_ends_the_run_with_the_reason(cluster, folder, tmp_path):
     broken = tmp_path / "broken.onnx"
     broken.write_bytes(b"not a model")
-    settings = runner.Settings(out=tmp_path / "out")
+    settings = stages.Settings(out=tmp_path / "out")
     with pytest.raises(RuntimeSetupError, match="network actors cannot start.*cannot load the model"):
         list(ray_engine.segment(collect([str(folder)]), broken, settings, address=cluster))
     assert not ray.is_initialized()
@@ -338,7 +338,7 @@ def test_an_input_that_kills_its_worker_every_time_is_reported_not_retried_forev
     assert {k: r["status"] for k, r in records.items() if k != "bad" and k not in poison.values()} == {
         str(i): "ok" for i in range(5)}
     jobs = [job for job in collect([str(folder)]) if job.key not in poison.values()]
-    local(jobs, onnx_model, runner.Settings(out=tmp_path / "local", crf=None))
+    local(jobs, onnx_model, stages.Settings(out=tmp_path / "local", crf=None))
     assert {k: v for k, v in outputs(out).items() if k != "classes.json"} == outputs(tmp_path / "local")
 
 

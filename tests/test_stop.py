@@ -162,7 +162,7 @@ def test_the_grace_period_ends_a_wait_in_the_main_thread():
         os.kill(os.getpid(), signal.SIGINT)
         start = time.monotonic()
         with pytest.raises(stop.Abandoned):
-            time.sleep(30)  # as the runner waits on its workers
+            time.sleep(30)  # as the worker pool waits on its workers
         assert time.monotonic() - start < 5
         assert stop.exit_code() == 130
 

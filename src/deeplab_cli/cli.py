@@ -266,9 +266,10 @@ def segment(inputs, out, recursive, null, overwrite, shard, as_json, quiet, grac
       find data -name '*.jpg' | deeplab segment - --out masks/ --json
       find data -name '*.jpg' -print0 | deeplab segment -0 - --out masks/
     """
-    from deeplab_cli import runner
+    from deeplab_cli import lanes, pipeline, scheduling
     from deeplab_cli.crf import check_backend
     from deeplab_cli.runtime import open_session, parse_device, wants_cuda
+    from deeplab_cli.stages import Settings
 
     job_list = gather_jobs(inputs, recursive, shard, null)
     try:
@@ -282,9 +283,9 @@ def segment(inputs, out, recursive, null, overwrite, shard, as_json, quiet, grac
     params = crf_settings(crf_defaults, crf_params, crf_opts) if crf else None
     if crf:
         check_backend(crf_backend)
-    settings = runner.Settings(out=out, formats=tuple(dict.fromkeys(formats or ("index",))),
-                               max_size=max_size or None, pad_to=pad_to, crf=params, alpha=alpha,
-                               overwrite=overwrite, crf_backend=crf_backend, max_pixels=pixel_limit(max_pixels))
+    settings = Settings(out=out, formats=tuple(dict.fromkeys(formats or ("index",))),
+                        max_size=max_size or None, pad_to=pad_to, crf=params, alpha=alpha,
+                        overwrite=overwrite, crf_backend=crf_backend, max_pixels=pixel_limit(max_pixels))
     if engine == "ray":
         from deeplab_cli import ray_engine
 
@@ -301,20 +302,20 @@ def segment(inputs, out, recursive, null, overwrite, shard, as_json, quiet, grac
     session = open_session(model_path, device, threads or 1, spin=False)
     provider = session.provider
     gpu = provider != "CPUExecutionProvider"
-    threads, workers = runner.thread_budget(runner.usable_cores(), gpu, threads, jobs)
+    threads, workers = scheduling.thread_budget(scheduling.usable_cores(), gpu, threads, jobs)
     if device == "auto" and not quiet:
         click.echo(f"deeplab: running on {provider}", err=True)
     if jobs is None:  # the default: as many workers as cores, and as memory allows
-        workers, note = runner.fit_in_memory(job_list, workers, settings, session=not gpu)
+        workers, note = scheduling.fit_in_memory(job_list, workers, settings, session=not gpu)
         if note and not quiet:
             click.echo(f"deeplab: {note}", err=True)
     prepare_out(out, session.classes)
     if gpu:
-        results = runner.segment(job_list, session, settings, workers, batch_size or 8)
+        results = pipeline.segment(job_list, session, settings, workers, batch_size or 8)
     elif workers == 0:
-        results = runner.segment(job_list, open_session(model_path, device, threads), settings)
+        results = pipeline.segment(job_list, open_session(model_path, device, threads), settings)
     else:
-        results = runner.segment_lanes(job_list, model_path, settings, workers, threads)
+        results = lanes.segment_lanes(job_list, model_path, settings, workers, threads)
     del session  # on the CPU the lanes, or the one-process session, hold the network
     sys.exit(report(results, len(job_list), as_json, quiet, provider, grace, folder=out))
 
@@ -340,19 +341,21 @@ def crf(inputs, logits_dir, out, recursive, null, overwrite, shard, as_json, qui
     """
     import functools
 
-    from deeplab_cli import runner
+    from deeplab_cli import scheduling
     from deeplab_cli.crf import check_backend, warm
     from deeplab_cli.outputs import VOC_CLASSES
+    from deeplab_cli.pool import parallel_map
+    from deeplab_cli.stages import Settings, crf_one, lost_result
 
     job_list = gather_jobs(inputs, recursive, shard, null)
     check_backend(crf_backend)
-    lanes = min(jobs or runner.usable_cores(), max(1, len(job_list)))
-    settings = runner.sharing_cores(runner.Settings(
+    lanes = min(jobs or scheduling.usable_cores(), max(1, len(job_list)))
+    settings = scheduling.sharing_cores(Settings(
         out=out, formats=tuple(dict.fromkeys(formats or ("index",))), crf=crf_settings({}, crf_params, crf_opts),
         alpha=alpha, overwrite=overwrite, crf_backend=crf_backend, max_pixels=pixel_limit(max_pixels)), lanes)
     prepare_out(out, VOC_CLASSES)
-    work = functools.partial(runner.crf_one, logits_dir=logits_dir, settings=settings)
-    results = runner.parallel_map(work, job_list, lanes, runner.lost_result, warm, (crf_backend,))
+    work = functools.partial(crf_one, logits_dir=logits_dir, settings=settings)
+    results = parallel_map(work, job_list, lanes, lost_result, warm, (crf_backend,))
     sys.exit(report(results, len(job_list), as_json, quiet, "cpu", grace, folder=out))
 
 
@@ -387,10 +390,11 @@ def crf_tune(inputs, logits_dir, gt_dir, out, recursive, limit, bi_w, bi_xy_std,
     import numpy as np
     from tqdm import tqdm
 
-    from deeplab_cli import runner, tune
+    from deeplab_cli import scheduling, tune
     from deeplab_cli.crf import check_backend, warm
     from deeplab_cli.evaluate import scores
     from deeplab_cli.outputs import atomic_write
+    from deeplab_cli.pool import parallel_map
 
     try:
         ranges = {"bi_w": tune.parse_values(bi_w), "bi_xy_std": tune.parse_values(bi_xy_std),
@@ -401,12 +405,12 @@ def crf_tune(inputs, logits_dir, gt_dir, out, recursive, limit, bi_w, bi_xy_std,
     samples = [tune.Sample(job.source, logits_dir / f"{job.key}.logits.npz", gt_dir / f"{job.key}.png")
                for job in gather_jobs(inputs, recursive, None)[:limit]]
     check_backend(crf_backend)
-    lanes = min(jobs or runner.usable_cores(), max(1, len(samples)))
+    lanes = min(jobs or scheduling.usable_cores(), max(1, len(samples)))
     work = functools.partial(tune.score_sample, settings=settings, num_classes=num_classes, backend=crf_backend,
-                             threads=max(1, runner.usable_cores() // lanes))
+                             threads=max(1, scheduling.usable_cores() // lanes))
     total, failed = np.zeros((len(settings), num_classes, num_classes + 1), np.int64), 0
     with tqdm(total=len(samples), disable=quiet or not sys.stderr.isatty(), unit="img", file=sys.stderr) as bar:
-        for _, confusions, error in runner.parallel_map(work, samples, lanes, tune.lost_sample, warm, (crf_backend,)):
+        for _, confusions, error in parallel_map(work, samples, lanes, tune.lost_sample, warm, (crf_backend,)):
             if error:
                 failed += 1
                 bar.write(f"deeplab: {error}", file=sys.stderr)

@@ -1,9 +1,10 @@
 """PASCAL VOC colours and class names, and writing results so that a killed run never leaves half a file.
 
 Every writer goes through `atomic_write`: the bytes land in a hidden `.<name>.<random>.tmp` beside the
-target and are renamed over it only when complete.
+target and are renamed over it only when complete. `write_outputs` writes the formats a run asks for.
 """
 
+import errno
 import json
 import os
 import re
@@ -18,7 +19,8 @@ import numpy as np
 import numpy.typing
 from PIL import Image, UnidentifiedImageError
 
-from .errors import InputError
+from .errors import InputError, OutputError
+from .upsample import prob_chunks
 
 VOC_CLASSES: tuple[str, ...] = (
     "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair",
@@ -289,3 +291,29 @@ def read_logits(path: Path) -> SavedLogits:
     if logits.ndim != 3 or work.shape != (2,) or size.shape != (2,):
         raise InputError(f"{path}: logits file has unexpected shapes {logits.shape}, {work.shape}, {size.shape}")
     return SavedLogits(logits, (int(work[0]), int(work[1])), (int(size[0]), int(size[1])), str(model))
+
+
+# Errors of the output device, not of one file: every later write would fail the same way.
+_DEVICE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS}
+
+
+def write_outputs(targets: Iterable[tuple[str, Path]], *, image, labels, probs, logits, work_size, model,
+                  alpha: float) -> None:
+    """Write each (format, path) of `targets` for one image; every file appears complete or not at all.
+    Raises OutputError naming the file that could not be written."""
+    palette = voc_palette()
+    writers = {
+        "index": lambda path: write_index_png(path, labels, palette),
+        "color": lambda path: write_png(path, colorize(labels, palette)),
+        "overlay": lambda path: write_png(path, overlay(image, labels, palette, alpha)),
+        # At the image's size, streamed class by class: the full map is never held.
+        "probs": lambda path: write_npz_streamed(path, "probs", (len(probs), *labels.shape), np.float16,
+                                                 prob_chunks(probs, *labels.shape)),
+        "logits": lambda path: write_logits(path, SavedLogits(logits, tuple(work_size), image.shape[:2], model)),
+    }
+    for fmt, path in targets:
+        try:
+            writers[fmt](path)
+        except OSError as e:
+            raise OutputError(f"{path}: cannot write ({e.strerror or e})",
+                              stops_batch=e.errno in _DEVICE_ERRORS) from None

@@ -1,9 +1,9 @@
-"""`deeplab segment --engine ray`: the runner's stages as Ray Data operators on a Ray cluster.
+"""`deeplab segment --engine ray`: the local engine's stages (`stages`) as Ray Data operators on a Ray cluster.
 
     rows (source, key) --load_batch, CPU tasks--> pixels --NetworkStage, actor pool--> network outputs
         --crf_batch, CPU tasks--> outputs written, a small result row per image --> the driver
 
-Each stage calls the local engine's own code (runner.load_job, runner.run_network, runner.finish_job), so the
+Each stage calls the local engine's own code (stages.load_job, stages.run_network, stages.finish_job), so the
 outputs are byte for byte the local engine's. Failures stay per image: a stage turns an exception into
 the row's `error` and passes it on; a row that arrives with an `error` passes every stage untouched.
 Outputs are written atomically, so a rerun task overwrites nothing half-done. Ray Data's streaming
@@ -16,7 +16,7 @@ would be retried forever. So each stage runs `bounded`: a small ledger actor (`A
 per stage and image, the attempts that began and never ended, that is the worker processes that died
 while processing it. A block goes through its stage whole while none of its images has such a death;
 otherwise one image at a time, so that the images that shared a block with the culprit come out, and
-an image with MAX_ATTEMPTS deaths in a stage is passed on with runner.lost_result's reason instead of
+an image with MAX_ATTEMPTS deaths in a stage is passed on with stages.lost_result's reason instead of
 being tried again. It is reported failed (exit 1; having no outputs, a rerun tries it again) and
 every other image is written.
 
@@ -36,7 +36,7 @@ model travels to the actors through Ray's object store. Needs `pip install 'deep
 Composing your own pipeline (columns `source` and `key` in; `status` and `error` out); without
 `bounded` and its ledger a stage is retried as Ray Data retries it, without limit:
 
-    settings = runner.Settings(out=Path("/shared/masks"))
+    settings = stages.Settings(out=Path("/shared/masks"))
     attempts = {"attempts": ray_engine.attempt_ledger()}
     ds = ray.data.from_items([{"source": "/shared/photos/a.jpg", "key": "a"}])
     ds = ds.map_batches(ray_engine.bounded(ray_engine.load_batch), fn_kwargs={"settings": settings, **attempts},
@@ -64,7 +64,8 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from deeplab_cli import runner, stop
+from deeplab_cli import stages, stop
+from deeplab_cli.pipeline import batches_of_equal_size
 from deeplab_cli.errors import RuntimeSetupError, UsageError
 from deeplab_cli.inputs import Job
 from deeplab_cli.runtime import open_session, parse_device
@@ -98,7 +99,7 @@ def _job(batch: dict[str, np.ndarray], i: int) -> Job:
     return Job(Path(batch["source"][i]), str(batch["key"][i]))
 
 
-def load_batch(batch: dict[str, np.ndarray], settings: runner.Settings) -> dict[str, np.ndarray]:
+def load_batch(batch: dict[str, np.ndarray], settings: stages.Settings) -> dict[str, np.ndarray]:
     """Decode and fit to the network (a `map_batches` function, numpy format): adds columns `image`
     (H, W, 3) uint8 BGR, empty when it equals `small`; `small` (h, w, 3) uint8 BGR, what the network
     sees; `error` ("" or the reason) and `timings` (JSON)."""
@@ -110,8 +111,8 @@ def load_batch(batch: dict[str, np.ndarray], settings: runner.Settings) -> dict[
             errors.append(batch["error"][i])
             timings.append(batch["timings"][i] if "timings" in batch else "{}")
             continue
-        loaded = runner.load_job(_job(batch, i), settings)
-        if isinstance(loaded, runner.Result):
+        loaded = stages.load_job(_job(batch, i), settings)
+        if isinstance(loaded, stages.Result):
             images.append(_EMPTY["image"])
             smalls.append(_EMPTY["small"])
             errors.append(loaded.error)
@@ -135,7 +136,7 @@ class NetworkStage:
     "cuda": Ray shows each actor only the GPU it was given.
     """
 
-    def __init__(self, model: str | os.PathLike | bytes, settings: runner.Settings, device: str = "auto",
+    def __init__(self, model: str | os.PathLike | bytes, settings: stages.Settings, device: str = "auto",
                  threads: int | None = None):
         if isinstance(model, bytes):
             with tempfile.TemporaryDirectory(prefix="deeplab-") as folder:
@@ -155,12 +156,12 @@ class NetworkStage:
         for i in range(n):
             if not errors[i]:
                 image = batch["image"][i] if batch["image"][i].size else batch["small"][i]
-                loaded.append(runner.Loaded(_job(batch, i), image, batch["small"][i], json.loads(timings[i])))
+                loaded.append(stages.Loaded(_job(batch, i), image, batch["small"][i], json.loads(timings[i])))
                 row[loaded[-1].job.key] = i
         # Images of one size share a network call; sorting by size makes the groups as large as they can be.
         loaded.sort(key=lambda item: item.small.shape)
-        for group in runner.batches_of_equal_size(iter(loaded), len(loaded)):
-            for item, net, failed in runner.run_network(group, self.session, self.settings):
+        for group in batches_of_equal_size(iter(loaded), len(loaded)):
+            for item, net, failed in stages.run_network(group, self.session, self.settings):
                 i = row[item.job.key]
                 timings[i] = json.dumps(item.timings)
                 if failed:
@@ -173,7 +174,7 @@ class NetworkStage:
                 "error": np.array(errors, object), "timings": np.array(timings, object)}
 
 
-def crf_batch(batch: dict[str, np.ndarray], settings: runner.Settings) -> dict[str, np.ndarray]:
+def crf_batch(batch: dict[str, np.ndarray], settings: stages.Settings) -> dict[str, np.ndarray]:
     """Upsampling, softmax, CRF and the outputs, as the local engine does them (a `map_batches`
     function). Returns only small columns: `source`, `key`, `status` ("ok" or "error"), `error`,
     `timings` (JSON), `stops_batch` (the output device is full); the pixels stay behind."""
@@ -188,7 +189,7 @@ def crf_batch(batch: dict[str, np.ndarray], settings: runner.Settings) -> dict[s
         small = batch["small"][i]
         image = batch["image"][i] if batch["image"][i].size else small
         net = {name: batch[name][i] for name in NET_OUTPUTS if batch[name][i].size}
-        result = runner.finish_job(_job(batch, i), settings, image, small, net, str(batch["model"][i]),
+        result = stages.finish_job(_job(batch, i), settings, image, small, net, str(batch["model"][i]),
                                    json.loads(batch["timings"][i]))
         statuses.append(result.status)
         errors.append(result.error or "")
@@ -199,10 +200,10 @@ def crf_batch(batch: dict[str, np.ndarray], settings: runner.Settings) -> dict[s
             "stops_batch": np.array(stops, bool)}
 
 
-def to_result(row: dict, job: Job, settings: runner.Settings) -> runner.Result:
-    """A row from `crf_batch` -> the runner's Result for `job`."""
+def to_result(row: dict, job: Job, settings: stages.Settings) -> stages.Result:
+    """A row from `crf_batch` -> the local engine's Result for `job`."""
     ok = row["status"] == "ok"
-    return runner.Result(job, row["status"], runner.output_paths(job, settings) if ok else [],
+    return stages.Result(job, row["status"], stages.output_paths(job, settings) if ok else [],
                          None if ok else row["error"], json.loads(row["timings"]), bool(row["stops_batch"]))
 
 
@@ -240,7 +241,7 @@ def attempt_ledger():
 
 def bounded(stage: Callable | type) -> Callable | type:
     """`stage` (a `map_batches` function or callable class) giving up on an image whose worker process died
-    MAX_ATTEMPTS times while processing it: that image's row is passed on with runner.lost_result's reason.
+    MAX_ATTEMPTS times while processing it: that image's row is passed on with stages.lost_result's reason.
 
     The result takes one more argument, `attempts`, an `attempt_ledger()` handle: a keyword of the
     function (`fn_kwargs`) or of the class's constructor (`fn_constructor_kwargs`). It keeps the
@@ -281,7 +282,7 @@ def _run_bounded(stage: str, fn: Callable, batch: dict[str, np.ndarray], attempt
     for i, (key, died) in enumerate(zip(keys, deaths)):
         row = {column: values[i:i + 1] for column, values in batch.items()}
         if died >= MAX_ATTEMPTS:
-            row["error"] = np.array([runner.lost_result(_job(row, 0)).error], object)
+            row["error"] = np.array([stages.lost_result(_job(row, 0)).error], object)
             parts.append(fn(row))  # the stage passes a failed row on without working on it
             continue
         ray.get(attempts.begin.remote(stage, [key], alone=True))
@@ -290,7 +291,7 @@ def _run_bounded(stage: str, fn: Callable, batch: dict[str, np.ndarray], attempt
     return {column: np.concatenate([part[column] for part in parts]) for column in parts[0]}
 
 
-def pipeline(ds, model: str | os.PathLike | bytes, settings: runner.Settings, *, gpu: bool,
+def pipeline(ds, model: str | os.PathLike | bytes, settings: stages.Settings, *, gpu: bool,
              actors: int, threads: int | None = None, batch_size: int = 1):
     """`ds` (columns `source`, `key`) -> the Dataset of `crf_batch` rows: load tasks, `actors` network
     actors (one GPU each with `gpu`, else `threads` or 1 CPUs and onnxruntime threads each), CRF tasks;
@@ -366,10 +367,10 @@ def _connected(address: str | None):
         ray.shutdown()
 
 
-def segment(jobs: list[Job], model_path: Path, settings: runner.Settings, *, device: str = "auto",
+def segment(jobs: list[Job], model_path: Path, settings: stages.Settings, *, device: str = "auto",
             threads: int | None = None, batch_size: int | None = None, address: str | None = None,
-            network_actors: int | None = None) -> Iterator[runner.Result]:
-    """Same inputs, outputs and Result objects as runner.segment, run on a Ray cluster (ray.init(address)).
+            network_actors: int | None = None) -> Iterator[stages.Result]:
+    """Same inputs, outputs and Result objects as pipeline.segment, run on a Ray cluster (ray.init(address)).
 
     Yields "skipped" Results for complete outputs first, then one Result per job in completion order.
     Actors, threads and batch size as `placement` decides them.
@@ -380,7 +381,7 @@ def segment(jobs: list[Job], model_path: Path, settings: runner.Settings, *, dev
         raise RuntimeSetupError("--engine ray needs Ray: pip install 'deeplab-cli[ray]'") from None
 
     _device_kind(device)  # a bad --device fails before any work
-    skipped, remaining = runner.split_done(jobs, settings)
+    skipped, remaining = stages.split_done(jobs, settings)
     yield from skipped
     if not remaining:
         return

@@ -1,12 +1,13 @@
 """Stopping a batch early without losing work: SIGTERM, Ctrl-C, or an output that can no longer be written.
 
 SLURM, Kubernetes and systemd send SIGTERM some seconds before SIGKILL; a terminal sends SIGINT. While
-`graceful()` is active, the first such signal only asks the runner to stop: it takes no new images,
+`graceful()` is active, the first such signal only asks the batch to stop: it takes no new images,
 lets the images in flight finish for up to `grace` seconds, and then abandons them by raising
 `Abandoned` in the main thread (a second signal abandons at once). Outputs are written atomically, so
 either way nothing half-written is left, and a rerun resumes where the batch stopped.
 
-The state is per process, as signal handlers are: the runner asks `requested()` before each new image.
+The state is per process, as signal handlers are: the pipeline and the worker pool ask
+`requested()` before each new image.
 """
 
 from __future__ import annotations

@@ -50,7 +50,7 @@ def sample_confusions(sample: Sample, settings: list[CRFParams], num_classes: in
     from deeplab_cli.images import load_image, max_pixels_from_env, resize_to
     from deeplab_cli.outputs import read_index_png, read_logits
     from deeplab_cli.crf import dense_crf_grid
-    from deeplab_cli.runner import scores_to_probs
+    from deeplab_cli.stages import scores_to_probs
     from deeplab_cli.upsample import labels_at_size
 
     image = load_image(sample.image, max_pixels_from_env())
@@ -61,7 +61,7 @@ def sample_confusions(sample: Sample, settings: list[CRFParams], num_classes: in
                          f"image is {image.shape[0]}x{image.shape[1]}")
     small = resize_to(image, saved.work_size)
     probs = scores_to_probs(saved.logits, saved.work_size)
-    # RGB, as runner.refine gives the CRF.
+    # RGB, as stages.refine gives the CRF.
     marginals = dense_crf_grid(small[..., ::-1], probs, settings, backend, threads)
     return np.stack([confusion_matrix(truth, labels_at_size(q, *image.shape[:2]), num_classes) for q in marginals])
 
