@@ -187,25 +187,35 @@ def same_npz(a: Path, b: Path) -> float:
         return equal / p.size
 
 
+# Runs the CLI and, at exit, writes the process's own peak (VmHWM): ru_maxrss would also count the
+# parent's resident size at the fork, which a process that just made a 400 MP image has plenty of.
+_PEAK_WRAPPER = ("import atexit, os, runpy, sys\n"
+                 "def peak():\n"
+                 "    with open('/proc/self/status') as f, open(os.environ['DEEPLAB_BENCH_PEAK'], 'w') as out:\n"
+                 "        out.write(next(line for line in f if line.startswith('VmHWM')).split()[1])\n"
+                 "atexit.register(peak)\n"
+                 "sys.argv[0] = 'deeplab'\n"
+                 "runpy.run_module('deeplab_cli', run_name='__main__')\n")
+
+
 def cli_row(image: Path, model: Path, out: Path) -> dict:
-    """`deeplab segment IMAGE -j 0` (CRF on): wall clock and that process's own peak RSS (wait4's ru_maxrss)."""
+    """`deeplab segment IMAGE -j 0` (CRF on): wall clock and that process's own peak RSS (VmHWM at exit)."""
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(HERE.parent / "src"), env.get("PYTHONPATH")) if p)
-    command = [sys.executable, "-m", "deeplab_cli", "segment", str(image), "--out", str(out), "-m", str(model),
+    env["DEEPLAB_BENCH_PEAK"] = str(out.with_name("segment.peak"))
+    command = [sys.executable, "-c", _PEAK_WRAPPER, "segment", str(image), "--out", str(out), "-m", str(model),
                "-j", "0", "-q", "--json", "--overwrite"]
     stdout_path, stderr_path = out.with_name("segment.stdout"), out.with_name("segment.stderr")
     with open(stdout_path, "w") as stdout, open(stderr_path, "w") as stderr:
         start = time.perf_counter()
-        process = subprocess.Popen(command, stdout=stdout, stderr=stderr, env=env)
-        _, status, usage = os.wait4(process.pid, 0)  # reaped here, so the rusage is this process's alone
+        subprocess.run(command, stdout=stdout, stderr=stderr, env=env)
         wall = time.perf_counter() - start
-        process.returncode = os.waitstatus_to_exitcode(status)
     results = [json.loads(line) for line in stdout_path.read_text().splitlines() if line.strip()]
     if results and results[0]["status"] == "ok":
         error = None
     else:
         error = results[0].get("error") if results else stderr_path.read_text().strip()[-300:]
-    return {"wall": wall, "peak": usage.ru_maxrss / 1024, "error": error,
+    return {"wall": wall, "peak": int(Path(env["DEEPLAB_BENCH_PEAK"]).read_text()) / 1024, "error": error,
             "timings": results[0].get("timings", {}) if results else {}}
 
 
@@ -288,11 +298,8 @@ def main() -> None:
             if not image.exists():
                 print(f"making {image.name} {size[1]}x{size[0]}", file=sys.stderr)
                 make_image(image, size, seed)
-            images.append((name, image))
-            rows += label_rows(name, image, size, model, work)
-            if name == "24 MP JPEG":  # 400 MP would write 17 GB
-                rows += npz_rows(name, image, size, work)
-        for name, image in images if options.cli else []:
+            images.append((name, image, size))
+        for name, image, _ in images if options.cli else []:
             print(f"{name}: deeplab segment", file=sys.stderr)
             result = cli_row(image, model, work / "segment-out")
             timings = result["timings"]
@@ -300,6 +307,10 @@ def main() -> None:
             stages = ", ".join(f"{k} {v:.2f}" for k, v in timings.items()) + f"; outside network + CRF {outside:.2f} s"
             rows.append([name, "deeplab segment -j 0", f"{result['wall']:.2f} s", f"{result['peak']:,.0f} MB",
                          "", "", str(result["error"])[:90] if result["error"] else stages])
+        for name, image, size in images:
+            rows += label_rows(name, image, size, model, work)
+            if name == "24 MP JPEG":  # 400 MP would write 17 GB
+                rows += npz_rows(name, image, size, work)
         report = table(rows)
         print(report)
         if options.markdown:
