@@ -18,7 +18,6 @@ import stat
 import warnings
 import zlib
 from contextlib import contextmanager
-from pathlib import Path
 
 import cv2
 import numpy as np
