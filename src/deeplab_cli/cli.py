@@ -149,7 +149,8 @@ def report(results, total: int, as_json: bool, quiet: bool, provider: str, grace
     and return the exit code.
 
     SIGTERM and Ctrl-C stop the batch gracefully (`stop`), as does an output device that cannot take
-    more; images dropped in flight leave temporaries in `folder`, swept here."""
+    more; images dropped in flight (workers killed, by us or by a scheduler signalling them all) leave
+    temporaries in `folder`, swept here."""
     from tqdm import tqdm
 
     from deeplab_cli import stop
@@ -158,7 +159,6 @@ def report(results, total: int, as_json: bool, quiet: bool, provider: str, grace
     if total == 0 and not quiet:
         click.echo("deeplab: no inputs (folders are searched for image files; -r descends into sub-folders)", err=True)
     show_progress = not quiet and sys.stderr.isatty()
-    abandoned = False
     with stop.graceful(grace), tqdm(total=total, disable=not show_progress, unit="img", file=sys.stderr,
                                     dynamic_ncols=True) as bar:
         try:
@@ -179,10 +179,10 @@ def report(results, total: int, as_json: bool, quiet: bool, provider: str, grace
                     stop.request("the output cannot take more")
                 bar.update()
         except stop.Abandoned:
-            abandoned = True
+            pass  # what was in flight is dropped: the summary below says how much is left
         finally:
             results.close()  # ends the workers now, before the summary
-    if abandoned and folder is not None:
+    if stop.requested() and folder is not None:
         from deeplab_cli.outputs import sweep_temporaries
 
         sweep_temporaries(folder)
