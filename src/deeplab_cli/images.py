@@ -233,18 +233,23 @@ def resize_for_network(image: np.ndarray, max_size: int | None) -> np.ndarray:
     Downscales with area interpolation (averages pixels instead of skipping them). Returns `image`
     itself when it already fits or max_size is None.
     """
+    return resize_to(image, network_size(*image.shape[:2], max_size))
+
+
+def network_size(height: int, width: int, max_size: int | None) -> tuple[int, int]:
+    """(h, w) the network sees for an (height, width) image: max(h, w) <= max_size, aspect ratio kept;
+    (height, width) itself when it fits or max_size is None."""
     if max_size is None:
-        return image
+        return height, width
     if max_size < 1:
         raise ValueError(f"max_size must be at least 1, got {max_size}")
-    height, width = image.shape[:2]
     longest = max(height, width)
     if longest <= max_size:
-        return image
+        return height, width
     # Fix the long side to max_size exactly; rounding the short side keeps the aspect closest.
     new_height = max(1, round(height * max_size / longest)) if height < longest else max_size
     new_width = max(1, round(width * max_size / longest)) if width < longest else max_size
-    return resize_to(image, (new_height, new_width))
+    return new_height, new_width
 
 
 def resize_to(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:

@@ -9,9 +9,9 @@ from __future__ import annotations
 import os
 from dataclasses import replace
 
-from deeplab_cli.images import header_size
+from deeplab_cli.images import header_size, network_size
 from deeplab_cli.inputs import Job
-from deeplab_cli.stages import Settings, work_size
+from deeplab_cli.stages import Settings
 
 
 def fit_in_memory(jobs: list[Job], workers: int, settings: Settings, session: bool = True) -> tuple[int, str | None]:
@@ -28,7 +28,7 @@ def fit_in_memory(jobs: list[Job], workers: int, settings: Settings, session: bo
     if not sizes or available is None or workers < 2:
         return workers, None
     width, height = max(sizes, key=lambda size: size[0] * size[1])
-    work = work_size((width, height), settings)
+    work = network_size(height, width, settings.max_size)
     each = memory.lane_bytes((height, width), work, settings.crf is not None) - (0 if session else memory.SESSION_BYTES)
     fitting = memory.lanes_for(available, each, workers)
     if fitting == workers:

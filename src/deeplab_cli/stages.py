@@ -23,7 +23,7 @@ from deeplab_cli import crf as crf_backends
 from deeplab_cli import outputs
 from deeplab_cli.crf import CRFParams
 from deeplab_cli.errors import InputError, OutputError
-from deeplab_cli.images import DEFAULT_MAX_PIXELS, header_size, load_image, resize_for_network, resize_to
+from deeplab_cli.images import DEFAULT_MAX_PIXELS, header_size, load_image, network_size, resize_for_network, resize_to
 from deeplab_cli.inputs import Job
 from deeplab_cli.upsample import caffe_interp, labels_at_size, softmax
 
@@ -123,25 +123,19 @@ def _message(job: Job, error: Exception) -> str:
     return " ".join(text.split())
 
 
-def work_size(size: tuple[int, int], settings: Settings) -> tuple[int, int]:
-    """(h, w) the network sees for an image whose header says (width, height)."""
-    width, height = size
-    scale = min(1.0, (settings.max_size or max(size)) / max(size))
-    return max(1, round(height * scale)), max(1, round(width * scale))
-
-
 def check_memory(job: Job, settings: Settings) -> None:
     """Refuse, before decoding, an image whose stages would need more memory than this process has left
     (its header gives the size): it fails alone instead of bringing in the OOM killer for the batch."""
     from deeplab_cli import memory
 
     size = header_size(job.source)
-    available = memory.available_memory()
-    if size is None or available is None:
+    available = memory.available_memory() if size else None
+    if available is None:
         return
     width, height = size
     # This process already holds its session (and its CRF code): only the image's own share is new.
-    needed = memory.image_bytes((height, width), work_size(size, settings), settings.crf is not None)
+    work = network_size(height, width, settings.max_size)
+    needed = memory.image_bytes((height, width), work, settings.crf is not None)
     if needed > available:
         raise InputError(f"{job.source}: too large for the memory left ({width}x{height} needs about "
                          f"{needed / 2**30:.1f} GiB, {available / 2**30:.1f} GiB available)")
