@@ -100,7 +100,9 @@ def assert_rerun_completes(cmd, out):
 @pytest.mark.parametrize("gpu", [False, True], ids=["cpu-lanes", "gpu-pipeline"])
 def test_sigterm_finishes_what_is_in_flight_exits_143_and_a_rerun_resumes(photos, onnx_model, tmp_path, gpu):
     out = tmp_path / "m"
-    cmd = command(photos, out, "-m", onnx_model, "-j", "2", "--grace", "60", gpu=gpu)
+    # Batches of 2 on the "GPU": with one batch of all 8, every image could be in flight before the signal.
+    cmd = command(photos, out, "-m", onnx_model, "-j", "2", "--grace", "60", *(["--batch-size", "2"] if gpu else []),
+                  gpu=gpu)
     code, err, _, alive = interrupt(cmd, signal.SIGTERM)
     assert code == 143, err
     assert "Traceback" not in err
