@@ -12,6 +12,9 @@ unary, first softmax); per iteration = (10 iterations - setup) / 10; per image =
 Labels and max |dQ| compare with pydensecrf. The Gaussian lattice depends only on the image size,
 so the engine keeps the last one: "fresh lattices" rows clear it before every image.
 Compile times run in subprocesses with an empty NUMBA_CACHE_DIR, then with the filled one.
+
+`--device cpu|cuda` adds the onnx backend's rows (`graph_rows`): the iterations as an ONNX graph on that
+onnxruntime provider, the lattices built and packed on the host.
 """
 
 import argparse
@@ -20,12 +23,14 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 
 import cv2
 import numpy as np
 
-from deeplab_cli import meanfield
+from deeplab_cli import crf_graph, meanfield
 from deeplab_cli.crf import CRFParams, dense_crf
 from deeplab_cli.upsample import softmax
 
@@ -95,12 +100,14 @@ class BackendRow:
 
 
 REFERENCE = "pydensecrf2 1.1 (1 thread)"
+GRAPH_CPU = "onnx graph, CPU provider, all cores"
 
 
 def measure(count: int = 4, rounds: int = 3, threads: tuple[int, ...] = (1, 2),
-            iters: int = 10) -> tuple[list[str], list[BackendRow]]:
+            iters: int = 10, graph: bool = True) -> tuple[list[str], list[BackendRow]]:
     """(photo names, a row per backend): pydensecrf, the engine on each of `threads`, and on one thread
-    with its Gaussian lattice rebuilt for every image. Best of `rounds`, taken in turn."""
+    with its Gaussian lattice rebuilt for every image; with `graph`, the onnx backend on onnxruntime's
+    CPU provider (its default threads: every core). Best of `rounds`, taken in turn."""
     params = CRFParams(iters=iters)
     setup_params = replace(params, iters=0)
     images = [(name, image, probabilities(image, seed)) for seed, (name, image) in enumerate(photos(count))]
@@ -117,6 +124,9 @@ def measure(count: int = 4, rounds: int = 3, threads: tuple[int, ...] = (1, 2),
     for n in threads:
         backends[f"numba, {n} thread{'s' * (n > 1)}"] = ours(n, False)
     backends["numba, 1 thread, fresh lattices"] = ours(1, True)
+    if graph:
+        crf_graph.warm()
+        backends[GRAPH_CPU] = lambda image, probs, p: dense_crf(image, probs, p, backend="onnx", device="cpu")
 
     best: dict[tuple[str, str, int], float] = {}
     results: dict[tuple[str, str], np.ndarray] = {}
@@ -153,12 +163,107 @@ def markdown(rows: list[BackendRow]) -> list[str]:
                     f"| {r.speedup:.2f}x | {r.labels:.4%} | {r.max_dq:.1e} |" for r in rows]
 
 
+@dataclass
+class GraphRows:
+    """The onnx backend on one device: seconds per image, and its agreement with the reference."""
+
+    device: str
+    batch: int
+    threads: int
+    images: int
+    per_image: float  # everything: host threads build and pack lattices while the device runs batches
+    graph: float  # the graph alone on packed batches, probabilities sent from the host
+    host: float  # lattices and packing of one image on one host thread
+    labels: float  # the least share of labels equal to the reference's, over the photos
+    max_dq: float
+    reference: str
+    deterministic: bool  # a batch run twice gave the same bits
+
+
+def graph_rows(device: str, count: int = 64, batch: int = 8, threads: int | None = None,
+               rounds: int = 2) -> GraphRows:
+    """The CRF as an ONNX graph on `device` (cpu, cuda, cuda:N) over `count` 500x375 images (the photos
+    cycled) in batches of `batch`, with DeepLab's settings; best of `rounds`."""
+    params = CRFParams()
+    threads = threads or os.cpu_count() or 1
+    items = [(image, probabilities(image, seed)) for seed, (_, image) in enumerate(photos(4))]
+    count = max(batch, count // batch * batch)
+    crf_graph.warm()
+    session = crf_graph.graph_session(device, params.iters)
+
+    def lattices(i: int):
+        kernels = meanfield.prepare(items[i % len(items)][0], params)
+        return kernels.gaussian, kernels.bilateral
+
+    def probs_of(b: int) -> np.ndarray:
+        return np.stack([items[i % len(items)][1] for i in range(b * batch, (b + 1) * batch)])
+
+    def run(b: int, feeds) -> dict:
+        return session.run(probs_of(b), feeds, params.pos_w, params.bi_w, ("labels",))
+
+    host = graph = everything = np.inf
+    batches = count // batch
+    depth = max(1, threads // batch) + 1  # batches whose lattices are being built while the device runs one
+    with ThreadPoolExecutor(threads) as pool, ThreadPoolExecutor(depth) as ahead_pool:
+        def build_and_pack(b: int):
+            return crf_graph.pack(list(pool.map(lattices, range(b * batch, (b + 1) * batch))))
+
+        packed = [build_and_pack(b) for b in range(min(batches, len(items)))]  # the photos, once each
+        run(0, packed[0])  # warm-up: session arena, device kernels
+        for _ in range(rounds):
+            start = time.perf_counter()
+            for i in range(len(items)):
+                crf_graph.pack([lattices(i)])
+            host = min(host, (time.perf_counter() - start) / len(items))
+            start = time.perf_counter()
+            for b in range(batches):
+                run(b, packed[b % len(packed)])
+            graph = min(graph, (time.perf_counter() - start) / count)
+            start = time.perf_counter()
+            ahead: deque = deque(ahead_pool.submit(build_and_pack, b) for b in range(min(batches, depth)))
+            for b in range(batches):
+                feeds = ahead.popleft().result()
+                if b + len(ahead) + 1 < batches:
+                    ahead.append(ahead_pool.submit(build_and_pack, b + len(ahead) + 1))
+                run(b, feeds)
+            everything = min(everything, (time.perf_counter() - start) / count)
+        deterministic = all(np.array_equal(run(0, packed[0])["labels"], run(0, packed[0])["labels"]) for _ in range(2))
+
+    try:
+        import pydensecrf.densecrf  # noqa: F401
+
+        reference, name = (lambda image, probs: dense_crf(image, probs, params, backend="pydensecrf")), "pydensecrf"
+    except ImportError:  # the engine is pydensecrf bit for bit (tests/test_meanfield.py)
+        reference, name = (lambda image, probs: meanfield.dense_crf(image, probs, params)), "the numba engine"
+    labels, max_dq = 1.0, 0.0
+    for image, probs in items:
+        q = dense_crf(image, probs, params, backend="onnx", device=device)
+        expected = reference(image, probs)
+        labels = min(labels, float((q.argmax(0) == expected.argmax(0)).mean()))
+        max_dq = max(max_dq, float(np.abs(q - expected).max()))
+    return GraphRows(device, batch, threads, count, everything, graph, host, labels, max_dq, name, deterministic)
+
+
+def graph_markdown(r: GraphRows) -> list[str]:
+    return [f"| onnx graph on {r.device}, batches of {r.batch}, {r.threads} host threads | per image ms |",
+            "|---|---|",
+            f"| everything: lattices and packing on the host threads, overlapped with the graph | {r.per_image * 1e3:.1f} |",
+            f"| the graph alone, probabilities sent from the host | {r.graph * 1e3:.1f} |",
+            f"| host work of one image on one thread (lattices, packing) | {r.host * 1e3:.1f} |",
+            "",
+            f"labels equal to {r.reference}'s (least over the photos): {r.labels:.4%}; max abs dQ {r.max_dq:.1e}; "
+            f"the same bits when run again: {'yes' if r.deterministic else 'NO'}"]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--images", type=int, default=4)
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--iters", type=int, default=10)
+    parser.add_argument("--device", help="also the onnx backend's rows on this device: cpu, cuda or cuda:N")
+    parser.add_argument("--graph-images", type=int, default=64, help="images for the onnx rows [64]")
+    parser.add_argument("--graph-batch", type=int, default=8, help="images per graph call [8]")
     args = parser.parse_args()
     names, rows = measure(args.images, args.rounds, tuple(args.threads), args.iters)
     print(f"Dense CRF alone, {len(names)} images {WIDTH}x{HEIGHT} ({', '.join(names)}), {LABELS} labels, "
@@ -167,6 +272,9 @@ def main() -> None:
     cold_import, cold_warm, cached_import, cached_warm = compile_times()
     print(f"\nnumba: cold (empty cache) import {cold_import:.2f} s + warm() {cold_warm:.2f} s; "
           f"cached import {cached_import:.2f} s + warm() {cached_warm:.2f} s")
+    if args.device:
+        rows = graph_rows(args.device, args.graph_images, args.graph_batch, rounds=args.rounds)
+        print("\n" + "\n".join(graph_markdown(rows)))
 
 
 if __name__ == "__main__":

@@ -51,9 +51,15 @@ def test_the_report_holds_every_row_and_check(tmp_path):
     assert "| CRF labels == pydensecrf, least over the photos | 100.00% | >= 99.99% | PASS |" in report
     assert "| CRF max abs dQ against pydensecrf (lower is better) | 0.00 | < 1e-05 | PASS |" in report
     assert "numba compile, cold (empty cache)" in report
+    assert "| onnx graph, CPU provider, all cores |" in report
+    for check in ("onnx graph (CPU provider): labels == pydensecrf", "onnx graph (CPU provider): max abs dQ"):
+        line = next(line for line in report.splitlines() if line.startswith(f"| {check}"))
+        assert line.endswith("| PASS |"), line
     assert f"PYTHONPATH=src python benchmarks/run.py {' '.join(SMALL)}" in report
     assert "3 JPEGs" in report and "3 at 80x64, 0 at 64x80" in report
-    gpu_checks = ("GPU network float16, images/s", "segment --device cuda / CRF alone on every core")
+    gpu_checks = ("GPU network float16, images/s", "segment --device cuda, CRF on the GPU, images/s",
+                  "segment --device cuda / the same with the CRF on every CPU core",
+                  "segment --device cuda --crf-backend numba / CRF alone on every core")
     for check in gpu_checks:
         line = next(line for line in report.splitlines() if line.startswith(f"| {check}"))
         assert line.endswith("| SKIP |") != CUDA_OFFERED, line
@@ -79,6 +85,11 @@ def test_gpu_only_report_on_cuda(tmp_path):
         if line.startswith("| labels: segment --device cuda"):
             assert line.endswith("| >= 99.9% | PASS |"), line
     assert "| segment / serial baseline (steady state) | - |  | SKIP |" in report  # a CPU row, left out
+    assert "| labels: segment --device cuda --crf-backend numba == serial (CPU) |" in report
+    assert "| everything: lattices and packing on the host threads, overlapped with the graph |" in report
+    for check in ("CRF on the GPU: labels == pydensecrf", "CRF on the GPU: max abs dQ"):
+        line = next(line for line in report.splitlines() if line.startswith(f"| {check}"))
+        assert line.endswith("| PASS |"), line
 
 
 def test_crf_alone_runs_every_image_in_workers(onnx_model, tmp_path):

@@ -14,7 +14,8 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from conftest import BAD_IMAGES, GOOD_IMAGES, children_of, natural_image, needs_cuda
+from conftest import (BAD_IMAGES, CUDA_OFFERED, GOOD_IMAGES, assert_one_line_error, children_of, natural_image,
+                      needs_cuda)
 from deeplab_cli.cli import cli
 from deeplab_cli.images import load_image
 from reference import deeplab_labels
@@ -463,9 +464,37 @@ def test_both_crf_backends_write_the_same_masks(photo_folder, onnx_model, tmp_pa
         assert (tmp_path / "numba" / name).read_bytes() == (tmp_path / "ref" / name).read_bytes(), name
 
 
+def test_the_onnx_backend_writes_the_engines_masks_from_segment_and_from_saved_logits(photo_folder, onnx_model,
+                                                                                    tmp_path):
+    args = (photo_folder / "cats", photo_folder / "dogs", "-m", onnx_model, "-f", "index", "-f", "logits", "-j", "1")
+    assert segment(*args, "--out", tmp_path / "numba").exit_code == 0
+    assert segment(*args, "--out", tmp_path / "onnx", "--crf-backend", "onnx", "--device", "cpu").exit_code == 0
+    crf = CliRunner().invoke(cli, ["crf", str(photo_folder / "cats"), str(photo_folder / "dogs"), str(tmp_path / "numba"),
+                                   "--out", str(tmp_path / "crf"), "--crf-backend", "onnx", "-j", "1"])
+    assert crf.exit_code == 0, crf.output
+    for name in ("cats/a.png", "dogs/a.png"):
+        expected = np.array(Image.open(tmp_path / "numba" / name))
+        for out in ("onnx", "crf"):
+            assert (np.array(Image.open(tmp_path / out / name)) == expected).mean() >= 0.9999, (out, name)
+
+
+@pytest.mark.skipif(CUDA_OFFERED, reason="onnxruntime offers CUDA here")
+def test_crf_on_a_device_onnxruntime_lacks_is_one_line_before_any_work(photo_folder, tmp_path):
+    result = CliRunner().invoke(cli, ["crf", str(photo_folder), str(tmp_path), "--out", str(tmp_path / "m"),
+                                      "--device", "cuda"])
+    assert_one_line_error(result, 3, "--device cuda: onnxruntime has no CUDA provider")
+    assert not (tmp_path / "m").exists()
+
+
+def test_crf_tune_refuses_the_onnx_backend(tmp_path):
+    result = CliRunner().invoke(cli, ["crf", "tune", str(tmp_path), str(tmp_path), "--gt", str(tmp_path),
+                                      "--crf-backend", "onnx"])
+    assert result.exit_code == 2 and "crf tune runs on the CPU: numba or pydensecrf" in result.output
+
+
 def test_help_lists_the_crf_backends():
     text = CliRunner().invoke(cli, ["segment", "--help"]).output
-    assert "--crf-backend [numba|pydensecrf]" in text
+    assert "--crf-backend [numba|pydensecrf|onnx]" in text
     for command in (["crf", "--help"], ["crf", "tune", "--help"]):
         assert "--crf-backend" in CliRunner().invoke(cli, command).output
 

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from deeplab_cli import meanfield
+from deeplab_cli.lattice import Workspace
 from deeplab_cli.upsample import softmax
 
 
@@ -88,10 +89,26 @@ AWKWARD = {
 }
 
 
+@pytest.fixture(params=["in cache", "streamed"])
+def regime(request, monkeypatch):
+    """Both of the engine's regimes on these small images: as they are (one thread gathers Q after
+    the pass, nothing prefetched), and as if no array stayed in cache, as on large images (one
+    thread splats Q in the pass; the gather and the blur prefetch their rows)."""
+    if request.param == "streamed":
+        monkeypatch.setattr(meanfield, "_CACHED_BYTES", 0)
+    return request.param
+
+
+def one_thread_gathers(probs):
+    """Whether one thread gathers Q after the pass on these probs (else it splats in the pass)."""
+    return meanfield._Start(probs, 1, Workspace()).gather
+
+
 @pytest.mark.parametrize("case", list(AWKWARD))
-def test_awkward_inputs_are_bit_identical_to_pydensecrf(case):
+def test_awkward_inputs_are_bit_identical_to_pydensecrf(case, regime):
     image, n_labels, changes = AWKWARD[case]
     probs = probabilities(image, n_labels, sharpness=3.0)
+    assert one_thread_gathers(probs) == (regime == "in cache")
     expected = reference(image, probs, **changes)
     for threads in (1, 2):
         np.testing.assert_array_equal(meanfield.dense_crf(image, probs, Params(**changes), threads), expected)
@@ -153,3 +170,42 @@ def test_bad_inputs_are_refused():
         meanfield.dense_crf(image, probabilities(image, 3)[:, :4], Params())
     with pytest.raises(ValueError, match="float32"):
         meanfield.dense_crf(image, probabilities(image, 3).astype(np.float64), Params())
+
+
+def grid_settings():
+    """Settings in `crf tune`'s order (bi_w outermost, so the widths change from each to the next)
+    whose weights and iterations differ within each group of widths, and a group whose one setting
+    does no iteration."""
+    settings = [Params(bi_w=w, bi_xy_std=xy, bi_rgb_std=rgb, pos_w=pos_w, iters=iters)
+                for w, pos_w, iters in ((5.0, 3.0, 3), (8.0, 1.0, 0), (2.0, 3.0, 1), (6.0, 3.0, 3))
+                for xy, rgb in ((30.0, 4.0), (50.0, 9.0))]
+    return settings + [Params(bi_xy_std=20.0, iters=0)]
+
+
+@pytest.mark.parametrize("n_labels", [2, 5, 21, 23])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_a_grid_gives_each_setting_what_it_gives_alone(n_labels, threads, regime, monkeypatch):
+    image = _scene(24, 37)
+    probs = probabilities(image, n_labels, sharpness=3.0)
+    settings = grid_settings()
+    alone = [meanfield.dense_crf(image, probs, p, threads) for p in settings]
+    other_image = _scene(13, 17, seed=5)
+    other_probs = probabilities(other_image, n_labels, seed=6)
+    prepared = []
+    real = meanfield.prepare
+    monkeypatch.setattr(meanfield, "prepare", lambda *args: prepared.append(args[0]) or real(*args))
+    seen = []
+    for index, q in meanfield.grid(image, probs, settings, threads):
+        np.testing.assert_array_equal(q, alone[index])
+        seen.append(index)
+        # Between two results, another image's mean field on this thread must not disturb the grid.
+        meanfield.dense_crf(other_image, other_probs, Params(iters=2), threads)
+    assert sorted(seen) == list(range(len(settings)))
+    widths = [(p.bi_xy_std, p.bi_rgb_std, p.pos_xy_std) for p in settings]
+    assert [widths[i] for i in seen] == sorted(widths, key=widths.index)  # grouped, in order of appearance
+    assert sum(prepared_image is image for prepared_image in prepared) == 3  # once per group
+
+
+def test_a_grid_of_nothing_is_empty():
+    image = _scene(5, 6)
+    assert list(meanfield.grid(image, probabilities(image, 3), [])) == []

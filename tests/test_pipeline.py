@@ -14,7 +14,8 @@ from deeplab_cli.runtime import open_session
 
 
 def run(folder, session, out, **options):
-    settings = stages.Settings(out=out, formats=("index", "probs", "logits"))
+    settings = stages.Settings(out=out, formats=("index", "probs", "logits"),
+                               crf_backend=options.get("crf_backend", "numba"))
     workers, batch = options.get("workers", 0), options.get("batch_size", 1)
     return {r.job.key: r for r in pipeline.segment(collect([str(folder)]), session, settings, workers, batch)}
 
@@ -101,10 +102,13 @@ def test_a_graph_that_upsamples_itself_gives_the_same_masks(folder, session, pro
 
 
 @needs_cuda
-def test_cuda_batches_give_the_cpu_masks(folder, session, probs_model, tmp_path):
-    """The GPU path as `segment --device cuda` runs it: batches of equal sizes, CRF worker processes."""
+@pytest.mark.parametrize("backend", ["onnx", "numba"])
+def test_cuda_batches_give_the_cpu_masks(folder, session, probs_model, tmp_path, backend):
+    """The GPU path as `segment --device cuda` runs it: batches of equal sizes, the CRF on the GPU (onnx, the
+    default there) or in CPU worker processes."""
     host = run(folder, session, tmp_path / "host")
-    device = run(folder, open_session(probs_model, "cuda"), tmp_path / "device", workers=2, batch_size=3)
+    device = run(folder, open_session(probs_model, "cuda"), tmp_path / "device", workers=2, batch_size=3,
+                 crf_backend=backend)
     assert {k: r.status for k, r in host.items()} == {k: r.status for k, r in device.items()}
     for key in ("0", "1", "2", "3", "4"):
         a, b = (cv2.imread(str(tmp_path / d / f"{key}.png"), cv2.IMREAD_UNCHANGED) for d in ("host", "device"))
@@ -164,3 +168,48 @@ def test_a_killed_worker_costs_nothing(tmp_path, session):
     assert sorted(r.job.key for r in results) == [str(i) for i in range(6)]
     assert {r.status for r in results} == {"ok"}
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [f"{i}.png" for i in range(6)]
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+@pytest.mark.parametrize("formats", [("index",), ("index", "probs", "logits")])
+def test_the_crf_graph_where_the_network_ran_gives_the_engines_results(folder, probs_session, tmp_path, workers,
+                                                                         formats):
+    """`segment --device cuda`'s path, on the CPU provider: probabilities kept where the network computed them,
+    lattices built by the decoding threads and packed per batch, only labels (or marginals) brought back."""
+    results = {}
+    for backend in ("numba", "onnx"):
+        settings = stages.Settings(out=tmp_path / backend, formats=formats, crf_backend=backend)
+        results[backend] = {r.job.key: r for r in pipeline.segment(collect([str(folder)]), probs_session, settings,
+                                                                   workers, batch_size=3)}
+    assert {k: r.status for k, r in results["numba"].items()} == {k: r.status for k, r in results["onnx"].items()}
+    assert results["onnx"]["5"].status == "error" and "5.png" in results["onnx"]["5"].error
+    assert {"lattice", "network", "crf"} <= set(results["onnx"]["0"].timings)
+    for key in ("0", "1", "2", "3", "4"):
+        a, b = (cv2.imread(str(tmp_path / d / f"{key}.png"), cv2.IMREAD_UNCHANGED) for d in ("numba", "onnx"))
+        assert (a == b).mean() >= 0.999
+        if "probs" in formats:
+            p, q = (np.load(tmp_path / d / f"{key}.probs.npz")["probs"] for d in ("numba", "onnx"))
+            assert p.shape == q.shape and np.abs(p - q).max() <= 1e-3
+
+
+def test_a_stop_during_the_crf_graph_path_leaves_complete_files_and_a_rerun_completes(folder, probs_session,
+                                                                                       tmp_path, monkeypatch):
+    from deeplab_cli import stop
+
+    settings = stages.Settings(out=tmp_path / "m", formats=("index", "probs"), crf_backend="onnx")
+    monkeypatch.setattr(stop, "_state", stop._State())
+    first = []
+    for result in pipeline.segment(collect([str(folder)]), probs_session, settings, 1, batch_size=1):
+        first.append(result)
+        stop.request("test")  # after the first result: images in flight finish, no new ones start
+    assert 1 <= sum(r.status == "ok" for r in first) < 5
+    written = sorted(p.name for p in (tmp_path / "m").iterdir())
+    assert all(name.endswith((".png", ".probs.npz")) for name in written), written  # no temporaries
+    for name in written:
+        if name.endswith(".npz"):
+            assert np.load(tmp_path / "m" / name)["probs"].shape[0] == 21
+    monkeypatch.setattr(stop, "_state", stop._State())
+    again = {r.job.key: r.status for r in pipeline.segment(collect([str(folder)]), probs_session, settings, 1, 1)}
+    done_before = {r.job.key for r in first if r.status == "ok"}
+    assert {k for k, s in again.items() if s == "skipped"} == done_before
+    assert {k for k, s in again.items() if s in ("ok", "skipped")} == {"0", "1", "2", "3", "4"}

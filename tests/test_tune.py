@@ -10,7 +10,7 @@ from click.testing import CliRunner
 from deeplab_cli.cli import cli
 from deeplab_cli.crf import CRFParams
 from deeplab_cli.outputs import SavedLogits, voc_palette, write_index_png, write_logits
-from deeplab_cli.tune import grid, parse_values
+from deeplab_cli.tune import Sample, grid, parse_values, sample_confusions
 
 
 @pytest.fixture
@@ -51,6 +51,17 @@ def test_grid_covers_every_combination():
     settings = grid(CRFParams(iters=5), {"bi_w": (1, 2), "bi_xy_std": (10, 20, 30)})
     assert len(settings) == 6 and len(set(settings)) == 6
     assert all(s.iters == 5 and s.bi_rgb_std == 5 for s in settings)
+
+
+def test_each_setting_is_scored_as_it_scores_alone(labelled_set):
+    # The numba backend computes the settings grouped by kernel widths, not in the grid's order.
+    root = labelled_set
+    sample = Sample(root / "img/0.png", root / "logits/0.logits.npz", root / "gt/0.png")
+    settings = grid(CRFParams(iters=3), {"bi_w": (2, 8), "bi_xy_std": (5, 60), "bi_rgb_std": (3, 30)})
+    confusions = sample_confusions(sample, settings, 21)
+    assert len({c.tobytes() for c in confusions}) > 1  # the settings score apart: a misplaced one would show
+    for setting, confusion in zip(settings, confusions, strict=True):
+        np.testing.assert_array_equal(confusion, sample_confusions(sample, [setting], 21)[0])
 
 
 def invoke(*args):

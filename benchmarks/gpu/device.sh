@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # On the lent GPU machine, in the repository's copy there. `receive`: keep the kit pieces this call
 # carried (.gpukit/*) in /root/gpukit, and say what the machine has. `run` (the last call): the same,
-# then install onnxruntime-gpu and pydensecrf from the kit, run the CUDA tests and the benchmark's GPU
+# then install onnxruntime-gpu, numba and pydensecrf from the kit, run the CUDA tests and the benchmark's GPU
 # rows, and leave the logs and the report in $OUT. benchmarks/gpu/README.md has the whole sequence.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -16,7 +16,7 @@ if [ "${1:-}" != run ]; then
   nvidia-smi -L
   python3 -V
   command -v g++ || echo "no g++: pydensecrf cannot be built here"
-  python3 -m pip list 2>/dev/null | grep -iE "^(onnxruntime|cython|numpy|setuptools|opencv|pytest|torch) "
+  python3 -m pip list 2>/dev/null | grep -iE "^(onnxruntime|cython|numpy|numba|llvmlite|setuptools|opencv|pytest|torch) "
   exit 0
 fi
 
@@ -26,8 +26,10 @@ cat "$store"/ort.tar.xz.part* > /tmp/ort.tar.xz
 (cd /tmp && sha256sum -c "$store/ort.tar.xz.sha256")
 site=$(python3 -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
 python3 -m pip uninstall -y -q onnxruntime onnxruntime-gpu 2>/dev/null || true
-python3 -c 'import sys, tarfile; tarfile.open(sys.argv[1]).extractall(sys.argv[2], filter="data")' /tmp/ort.tar.xz "$site"
-python3 -m pip install -q --no-index --no-deps "$store"/platformdirs-*.whl
+rm -rf /tmp/kit
+python3 -c 'import sys, tarfile; tarfile.open(sys.argv[1]).extractall(sys.argv[2], filter="data")' /tmp/ort.tar.xz /tmp/kit
+cp -a /tmp/kit/ort/. "$site"/
+python3 -m pip install -q --no-index --no-deps "$store"/platformdirs-*.whl /tmp/kit/wheels/*.whl
 # pydensecrf2's setup.py asks for exactly Cython 0.29.36, which no registry can bring here.
 python3 -m pip install -q --no-index --no-deps --target /tmp/cython "$store"/[Cc]ython-*.whl
 PYTHONPATH=/tmp/cython python3 -m pip install -q --no-index --no-deps --no-build-isolation "$store"/pydensecrf2-*.tar.gz

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Here, on a machine that reaches PyPI: pack what a lent GPU machine lacks (onnxruntime-gpu, pydensecrf's
-# sdist and the Cython it builds with, platformdirs) into .gpukit/1 ... .gpukit/N, one folder per device
-# call, each well under the 64 MiB a call may carry. benchmarks/gpu/README.md says how to use them.
+# Here, on a machine that reaches PyPI: pack what a lent GPU machine lacks (onnxruntime-gpu, numba and
+# llvmlite for deeplab's CRF engine, pydensecrf's sdist and the Cython it builds with, platformdirs) into
+# .gpukit/1 ... .gpukit/N, one folder per device call, each well under the 64 MiB a call may carry. benchmarks/gpu/README.md says how to use them.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 ORT_GPU=${ORT_GPU:-onnxruntime-gpu==1.31.1}  # built for CUDA 13, as the lent machines' libraries are
@@ -14,13 +14,19 @@ trap 'rm -rf "$tmp"' EXIT
 download() { python3 -m pip download -q --no-deps -d "$tmp/dl" "$@"; }
 download --only-binary=:all: --python-version "$PY" --implementation cp \
   --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 "$ORT_GPU"
+download --only-binary=:all: --python-version "$PY" --implementation cp \
+  --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+  "numba==${NUMBA:-0.68.1}" "llvmlite==${LLVMLITE:-0.50.0}"
 download --only-binary=:all: --python-version "$PY" --implementation py --abi none --platform any \
   cython==0.29.36 platformdirs
 download --no-binary=:all: pydensecrf2==1.1
 
 # The wheel's deflate leaves the CUDA kernels at ~250 MB; its files in xz come to ~210 MB, a call fewer.
-python3 -m zipfile -e "$tmp"/dl/onnxruntime_gpu-*.whl "$tmp/ort"
-tar -C "$tmp/ort" -cf - . | xz -6 -T0 > "$tmp/ort.tar.xz"
+# llvmlite's wheel (60 MB) travels in the same stream: ort/ holds onnxruntime's files, wheels/ the two wheels.
+mkdir -p "$tmp/kit/wheels"
+python3 -m zipfile -e "$tmp"/dl/onnxruntime_gpu-*.whl "$tmp/kit/ort"
+mv "$tmp"/dl/numba-*.whl "$tmp"/dl/llvmlite-*.whl "$tmp/kit/wheels/"
+tar -C "$tmp/kit" -cf - . | xz -6 -T0 > "$tmp/ort.tar.xz"
 (cd "$tmp" && sha256sum ort.tar.xz > ort.tar.xz.sha256)
 split -b "${PIECE_MIB}M" -d -a 1 "$tmp/ort.tar.xz" "$tmp/ort.tar.xz.part"
 

@@ -86,9 +86,10 @@ output_options = _options(
 jobs_option = click.option("-j", "--jobs", type=click.IntRange(min=1), help="CPU worker processes [all cores].")
 
 crf_options = _options(
-    click.option("--crf-backend", type=click.Choice(["numba", "pydensecrf"]), default="numba", show_default=True,
-                 help="What computes the CRF: numba, the project's engine (every core, exact), or pydensecrf, the "
-                      "reference it matches bit for bit (pip install 'deeplab-cli[pydensecrf]')."),
+    click.option("--crf-backend", type=click.Choice(["numba", "pydensecrf", "onnx"]),
+                 help="What computes the CRF: numba, the project's engine (every core, exact); pydensecrf, the "
+                      "reference it matches bit for bit (pip install 'deeplab-cli[pydensecrf]'); onnx, the "
+                      "iterations as a graph on --device (equal to rounding). [onnx on a GPU, else numba]"),
     click.option("--crf-params", type=click.Path(exists=True, dir_okay=False, path_type=Path),
                  help="JSON file of CRF settings (as `deeplab crf tune` writes); options below override it."),
     click.option("--crf-iters", "--iters", type=click.IntRange(min=0), help="Mean-field iterations [10]."),
@@ -266,6 +267,8 @@ def segment(inputs, out, recursive, null, overwrite, shard, as_json, quiet, grac
       find data -name '*.jpg' | deeplab segment - --out masks/ --json
       find data -name '*.jpg' -print0 | deeplab segment -0 - --out masks/
     """
+    from dataclasses import replace
+
     from deeplab_cli import lanes, pipeline, scheduling
     from deeplab_cli.crf import check_backend
     from deeplab_cli.runtime import open_session, parse_device, wants_cuda
@@ -281,12 +284,12 @@ def segment(inputs, out, recursive, null, overwrite, shard, as_json, quiet, grac
         raise click.BadParameter("Ray schedules the CRF tasks itself; leave --jobs out", param_hint="--jobs")
     model_path, crf_defaults = resolve_model(model, gpu, fp16)
     params = crf_settings(crf_defaults, crf_params, crf_opts) if crf else None
-    if crf:
+    if crf and crf_backend:
         check_backend(crf_backend)
     settings = Settings(out=out, formats=tuple(dict.fromkeys(formats or ("index",))),
                         max_size=max_size or None, pad_to=pad_to, crf=params, alpha=alpha,
-                        overwrite=overwrite, crf_backend=crf_backend, max_pixels=pixel_limit(max_pixels))
-    if engine == "ray":
+                        overwrite=overwrite, crf_backend=crf_backend or "numba", max_pixels=pixel_limit(max_pixels))
+    if engine == "ray":  # its CRF tasks run on CPU workers
         from deeplab_cli import ray_engine
 
         prepare_out(out, open_session(model_path, "cpu", 1).classes)  # also checks the model before Ray starts
@@ -303,6 +306,9 @@ def segment(inputs, out, recursive, null, overwrite, shard, as_json, quiet, grac
     provider = session.provider
     gpu = provider != "CPUExecutionProvider"
     threads, workers = scheduling.thread_budget(scheduling.usable_cores(), gpu, threads, jobs)
+    if gpu:  # the CRF graph where the network runs, by default; `pipeline` keeps the probabilities there
+        settings = replace(settings, crf_backend=crf_backend or ("onnx" if "probs" in session.outputs else "numba"),
+                           crf_device=device)
     if device == "auto" and not quiet:
         click.echo(f"deeplab: running on {provider}", err=True)
     if jobs is None:  # the default: as many workers as cores, and as memory allows
@@ -326,9 +332,11 @@ def segment(inputs, out, recursive, null, overwrite, shard, as_json, quiet, grac
 @batch_options
 @output_options
 @jobs_option
+@click.option("--device", default="cpu", show_default=True,
+              help="Where --crf-backend onnx runs its graph: cpu, cuda or cuda:N; cuda makes onnx the default.")
 @crf_options
 def crf(inputs, logits_dir, out, recursive, null, overwrite, shard, as_json, quiet, grace, max_pixels, formats, alpha, jobs,
-        crf_backend, crf_params, **crf_opts):
+        device, crf_backend, crf_params, **crf_opts):
     """The CRF stage alone, from saved logits: IMAGES... LOGITS.
 
     LOGITS is the folder `deeplab segment IMAGES... --format logits` wrote; give the same IMAGES so the
@@ -338,6 +346,7 @@ def crf(inputs, logits_dir, out, recursive, null, overwrite, shard, as_json, qui
     \b
       deeplab segment photos/ --out logits/ -f logits --no-crf --device cuda
       deeplab crf photos/ logits/ --out masks/ --iters 10 -j 16
+      deeplab crf photos/ logits/ --out masks/ --device cuda
     """
     import functools
 
@@ -347,12 +356,23 @@ def crf(inputs, logits_dir, out, recursive, null, overwrite, shard, as_json, qui
     from deeplab_cli.pool import parallel_map
     from deeplab_cli.stages import Settings, crf_one, lost_result
 
+    from deeplab_cli.crf_graph import build_graph
+    from deeplab_cli.runtime import parse_device, start_session
+
     job_list = gather_jobs(inputs, recursive, shard, null)
+    try:
+        gpu = parse_device(device)[0] == "cuda"
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--device") from None
+    crf_backend = crf_backend or ("onnx" if gpu else "numba")
     check_backend(crf_backend)
+    if crf_backend == "onnx":
+        start_session(build_graph(0).SerializeToString(), device, what="the CRF graph")  # the device works, or why not
     lanes = min(jobs or scheduling.usable_cores(), max(1, len(job_list)))
     settings = scheduling.sharing_cores(Settings(
         out=out, formats=tuple(dict.fromkeys(formats or ("index",))), crf=crf_settings({}, crf_params, crf_opts),
-        alpha=alpha, overwrite=overwrite, crf_backend=crf_backend, max_pixels=pixel_limit(max_pixels)), lanes)
+        alpha=alpha, overwrite=overwrite, crf_backend=crf_backend, max_pixels=pixel_limit(max_pixels),
+        crf_device=device), lanes)
     prepare_out(out, VOC_CLASSES)
     work = functools.partial(crf_one, logits_dir=logits_dir, settings=settings)
     results = parallel_map(work, job_list, lanes, lost_result, warm, (crf_backend,))
@@ -404,6 +424,9 @@ def crf_tune(inputs, logits_dir, gt_dir, out, recursive, limit, bi_w, bi_xy_std,
         raise click.UsageError(str(e)) from None
     samples = [tune.Sample(job.source, logits_dir / f"{job.key}.logits.npz", gt_dir / f"{job.key}.png")
                for job in gather_jobs(inputs, recursive, None)[:limit]]
+    crf_backend = crf_backend or "numba"
+    if crf_backend == "onnx":
+        raise click.BadParameter("crf tune runs on the CPU: numba or pydensecrf", param_hint="--crf-backend")
     check_backend(crf_backend)
     lanes = min(jobs or scheduling.usable_cores(), max(1, len(samples)))
     work = functools.partial(tune.score_sample, settings=settings, num_classes=num_classes, backend=crf_backend,

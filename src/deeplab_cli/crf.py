@@ -9,6 +9,10 @@ Backends, bit-identical to each other (tests/test_meanfield.py):
   it can spend several threads on one image, and reuses lattices across settings (`dense_crf_grid`).
 - `pydensecrf`: Krähenbühl's C++ through pydensecrf2, the reference (`pip install 'deeplab-cli[pydensecrf]'`,
   which compiles it; it does not build on Python 3.13 and later).
+
+and one that agrees with them to rounding (tests/test_crf_graph.py):
+- `onnx`: the same lattices, the iterations as an ONNX graph on an onnxruntime provider, the GPU's
+  included (`deeplab_cli.crf_graph`); the default of `segment --device cuda`.
 """
 
 import math
@@ -20,7 +24,7 @@ import numpy as np
 
 from deeplab_cli.errors import RuntimeSetupError
 
-BACKENDS = ("numba", "pydensecrf")
+BACKENDS = ("numba", "pydensecrf", "onnx")
 DEFAULT_BACKEND = "numba"
 
 # -log of the smallest normal float32: caps the unary only where p itself has underflowed, so the
@@ -86,6 +90,12 @@ def check_backend(backend: str) -> None:
         except ImportError:
             raise RuntimeSetupError("--crf-backend pydensecrf needs pydensecrf: pip install 'deeplab-cli[pydensecrf]' "
                                     "(it compiles from source, with a C++ compiler, on Python 3.12 and older)") from None
+    if backend == "onnx":
+        try:
+            import onnxruntime  # noqa: F401
+        except ImportError:
+            raise RuntimeSetupError("--crf-backend onnx needs onnxruntime: pip install 'deeplab-cli[cpu]' "
+                                    "(or 'deeplab-cli[gpu]' for CUDA)") from None
 
 
 def warm(backend: str | None = DEFAULT_BACKEND) -> None:
@@ -95,10 +105,14 @@ def warm(backend: str | None = DEFAULT_BACKEND) -> None:
         from deeplab_cli import meanfield
 
         meanfield.warm()
+    elif backend == "onnx":
+        from deeplab_cli import crf_graph
+
+        crf_graph.warm()
 
 
 def dense_crf(image: np.ndarray, probs: np.ndarray, params: CRFParams = CRFParams(),
-              backend: str = DEFAULT_BACKEND, threads: int = 1) -> np.ndarray:
+              backend: str = DEFAULT_BACKEND, threads: int = 1, device: str = "cpu") -> np.ndarray:
     """Mean-field marginals of the fully connected CRF.
 
     image: (H, W, 3) uint8 RGB, as DeepLab's CRF binary read it (PPM files). The colour distance
@@ -106,6 +120,7 @@ def dense_crf(image: np.ndarray, probs: np.ndarray, params: CRFParams = CRFParam
         0.38 and flipped 0.05% of labels on a synthetic 375x500 test image.
     probs: (C, H, W) float32 softmax probabilities.
     threads: threads the numba backend may use on this one image (the result does not depend on it).
+    device: where the onnx backend runs its graph (cpu, cuda, cuda:N); the other backends ignore it.
     Returns (C, H, W) float32 marginals Q, each pixel summing to 1, as a view of pixel-major memory
     (class index fastest).
 
@@ -117,32 +132,31 @@ def dense_crf(image: np.ndarray, probs: np.ndarray, params: CRFParams = CRFParam
     _check_inputs(image, probs)
     if backend == "pydensecrf":
         return _pydensecrf(image, probs, params)
+    probs = probs.astype(np.float32, copy=False)
+    if backend == "onnx":
+        from deeplab_cli import crf_graph
+
+        return crf_graph.dense_crf(image, probs, params, device, threads)
     from deeplab_cli import meanfield
 
-    return meanfield.dense_crf(image, probs.astype(np.float32, copy=False), params, threads)
+    return meanfield.dense_crf(image, probs, params, threads)
 
 
 def dense_crf_grid(image: np.ndarray, probs: np.ndarray, settings: Sequence[CRFParams],
-                   backend: str = DEFAULT_BACKEND, threads: int = 1) -> Iterator[np.ndarray]:
-    """`dense_crf` under each of `settings`, in order. The lattices depend only on the image and the
-    kernel widths (sigma_alpha, sigma_beta, sigma_gamma), so the numba backend builds them once per
-    distinct widths, not once per setting: the paper's 288-setting grid needs 48."""
+                   backend: str = DEFAULT_BACKEND, threads: int = 1) -> Iterator[tuple[int, np.ndarray]]:
+    """(index, `dense_crf` under settings[index]) for every setting, in an order of the backend's
+    choosing. The lattices depend only on the image and the kernel widths (sigma_alpha, sigma_beta,
+    sigma_gamma), so the numba backend takes the settings grouped by widths, whatever their order,
+    and builds the lattices once per group, not once per setting: the paper's 288-setting grid needs
+    48. The other backends compute each setting alone, in order."""
     _check_inputs(image, probs)
-    if backend == "pydensecrf":
-        yield from (_pydensecrf(image, probs, p) for p in settings)
+    if backend != "numba":
+        for index, params in enumerate(settings):
+            yield index, dense_crf(image, probs, params, backend, threads)
         return
     from deeplab_cli import meanfield
 
-    probs = probs.astype(np.float32, copy=False)
-    def widths(p: CRFParams):
-        return p.bi_xy_std, p.bi_rgb_std, p.pos_xy_std
-
-    kernels = {}
-    for p in settings:
-        if widths(p) not in kernels:
-            kernels.clear()  # one set alive at a time: a grid is usually ordered by widths
-            kernels[widths(p)] = meanfield.prepare(image, p, threads)
-        yield meanfield.mean_field(kernels[widths(p)], probs, p, threads)
+    yield from meanfield.grid(image, probs.astype(np.float32, copy=False), settings, threads)
 
 
 def _check_inputs(image: np.ndarray, probs: np.ndarray) -> None:

@@ -13,13 +13,16 @@ small LLVM intrinsics (no FMA: a multiply, then an add, as SSE2 does; no alias c
 loops per row). Rows of 24 floats (17-24 labels, VOC's 21) are handled three vectors at a time: one
 read of a vertex's offset and weight per slice, and the max, Eigen-order sum and division of the
 softmax in registers. An iteration is: splat, blur (one pass per lattice axis), then one fused pass
-over the pixels (both slices, norms, compatibility, unary, softmax), which prefetches the bilateral
-lattice's rows a few pixels ahead. On one thread the pass also splats each pixel's Q as it goes, in
-pixel order as pydensecrf does; on several, the pass writes Q and the splat is a gather over the
-lattice's pixel-ordered CSR, which sums in the same order, so the result never depends on the thread
-count. Threads are Python threads running numba `nogil` kernels on slices of the pixels or lattice
-points (`lattice.parallel_for`); each gather or blur step covers both kernels' lattices at once.
-Working buffers live in a per-thread workspace reused across iterations and images.
+over the pixels (both slices, norms, compatibility, unary, softmax). On one thread and a large image
+the pass also splats each pixel's Q as it goes, in pixel order as pydensecrf does; otherwise the pass
+writes Q and the splat is a gather over the lattice's pixel-ordered CSR, which sums in the same
+order, so the result never depends on the thread count. Threads are Python threads running numba
+`nogil` kernels on slices of the pixels or lattice points (`lattice.parallel_for`); each gather or
+blur step covers both kernels' lattices at once. Working buffers live in a per-thread workspace
+reused across iterations and images.
+
+A grid of settings on one image (`grid`, for `deeplab crf tune`) computes the unary once and, per
+distinct kernel widths, the lattices and the first iteration's splat and blur of the initial Q once.
 """
 
 from __future__ import annotations
@@ -27,10 +30,11 @@ from __future__ import annotations
 import math
 import threading
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Iterator, Protocol, Sequence
 
 from deeplab_cli.lattice import (  # deeplab_cli.lattice configures numba before it is imported
     Lattice,
+    Workspace,
     bilateral_features,
     build_lattice,
     emit_prefetch,
@@ -52,9 +56,16 @@ from numba.extending import intrinsic  # noqa: E402
 _LANES = 8  # rows are padded to a multiple of this many floats
 _WIDE = 3 * _LANES  # rows of 17-24 labels (VOC's 21), handled three vectors at a time
 _CHUNK = 256  # pixels per step of the pass: their rows (24 KB at 24 floats) stay in L1
-_AHEAD = 16  # lattice points between the blur's prefetch of a neighbour row and its use
-_AHEAD_PIXELS = 4  # pixels between the pass's prefetch of a pixel's bilateral rows and the slice
+_AHEAD = 16  # points (entries) between the blur's (gather's) prefetch of a row and its use
 _AHEAD_SPLAT = 8  # pixels between the prefetch of a pixel's bilateral splat rows and the splat
+# Arrays of rows up to this many bytes are taken to stay in cache from one step to the next. Then
+# one thread gathers Q (see `_filter`) rather than splat it in the pass: the gather writes each
+# lattice row once instead of adding to it once per pixel (measured on one thread, 21 labels: 12%
+# faster at 160x120, 1.8 MB of Q; as fast at 320x240, 7 MB; 12% slower at 500x375, 18 MB). And the
+# gather and the blur do not prefetch the rows they read (measured: prefetching Q's rows makes the
+# gather 5-50% slower at 160x120 and 4-9% faster at 500x375; prefetching the lattice's, the blur 7%
+# slower with 3 MB of rows and 40% faster with 12.5 MB).
+_CACHED_BYTES = 4 << 20
 _MIN_PROB = np.float32(np.finfo(np.float32).tiny)  # crf.py's clip: -log p only where p underflowed
 
 
@@ -111,7 +122,7 @@ def mean_field(kernels: Kernels, probs: np.ndarray, params: CRFSettings, threads
     inside this one image; the result does not depend on it. iters == 0 returns probs renormalised.
     """
     _check_probs(probs, kernels.height, kernels.width)
-    start = _Start(probs, threads)
+    start = _Start(probs, threads, workspace())
     start.run(threads, initial_q=False)
     return _iterate(kernels, start, params, threads)
 
@@ -131,13 +142,40 @@ def dense_crf(image: np.ndarray, probs: np.ndarray, params: CRFSettings | None =
     # The unary and the initial Q need no lattice: a pool thread computes them while this one builds
     # the lattices, whose serial steps (hash insertion, norm) would leave it idle.
     _check_probs(probs, *image.shape[:2])
-    start = _Start(probs, threads)
+    start = _Start(probs, threads, workspace())
     started = start_beside(threads, start.run, 1, True)
     try:
         kernels = prepare(image, params, threads)
     finally:
         started()  # never leave it writing to this thread's workspace
     return _iterate(kernels, start, params, threads)
+
+
+def grid(image: np.ndarray, probs: np.ndarray, settings: Sequence[CRFSettings],
+         threads: int = 1) -> Iterator[tuple[int, np.ndarray]]:
+    """(index, `dense_crf(image, probs, settings[index], threads)`) for every setting, bit-identical,
+    grouped by kernel widths (sigma_alpha, sigma_beta, sigma_gamma) in order of first appearance.
+
+    The unary is computed once. The lattices depend on the image and the widths only, so each group
+    builds them once (the paper's 288-setting grid has 48 groups) and only one group's are alive at a
+    time. Every setting starts from the same Q = softmax(-unary), so a group also splats and blurs it
+    once, for all its settings' first iteration. The buffers are the generator's own: other mean
+    fields may run on this thread between two results.
+    """
+    _check_probs(probs, *image.shape[:2])
+    start = _Start(probs, threads, Workspace())
+    start.run(threads, initial_q=False)
+    groups: dict[tuple[float, float, float], list[int]] = {}
+    for index, params in enumerate(settings):
+        groups.setdefault((params.bi_xy_std, params.bi_rgb_std, params.pos_xy_std), []).append(index)
+    for members in groups.values():
+        kernels = prepare(image, settings[members[0]], threads)
+        primed = None
+        if any(int(settings[index].iters) > 0 for index in members):
+            # Copied out of the buffers that each setting's iterations splat and blur in.
+            primed = tuple(np.copy(blurred) for blurred in _prime(kernels, start, threads))
+        for index in members:
+            yield index, _iterate(kernels, start, settings[index], threads, primed)
 
 
 def _check_probs(probs: np.ndarray, height: int, width: int) -> None:
@@ -162,22 +200,22 @@ _NO_NORM = _readonly(np.zeros(0, np.float32))
 
 
 class _Start:
-    """The first steps of one mean field, which need no lattice: -unary and, with several threads,
-    the initial Q. Buffers come from the workspace of the thread that creates it."""
+    """What the mean fields of one image share whatever the settings: -unary, and Q's buffer, from
+    the workspace `ws` (a thread's or a grid's own)."""
 
-    def __init__(self, probs: np.ndarray, threads: int) -> None:
+    def __init__(self, probs: np.ndarray, threads: int, ws: Workspace) -> None:
         self.probs = probs
         self.n_labels, self.height, self.width = probs.shape
         n = self.height * self.width
         self.row_width = -(-self.n_labels // _LANES) * _LANES
         self.seq = self.n_labels <= 2  # pydensecrf filters one or two labels with seqCompute
-        ws = workspace()
         self.ws = ws
         self.log_p = ws.take("log_p", (self.n_labels, n))
         self.neg_unary = ws.take("neg_unary", (n, self.row_width))
-        # One thread splats as it goes, from a chunk's rows; several keep Q to gather from.
-        self.rows = ws.take("q", (_CHUNK, self.row_width) if threads <= 1 else (n, self.row_width))
-        self.out = np.empty((n, self.n_labels), np.float32)
+        # Rows of all pixels to gather from, or a chunk's rows that the pass splats as it goes.
+        self.gather = threads > 1 or n * self.row_width * 4 <= _CACHED_BYTES
+        self.rows = ws.take("q", (n, self.row_width) if self.gather else (_CHUNK, self.row_width))
+        self.no_out = np.empty((0, self.n_labels), np.float32)  # `_pass`'s out when not final
         self.has_initial_q = False
 
     def run(self, threads: int, initial_q: bool) -> None:
@@ -188,41 +226,86 @@ class _Start:
         np.log(self.log_p, out=self.log_p)
         parallel_for(_pad_rows, n, threads, self.log_p, self.neg_unary)
         if initial_q:
-            none = self.rows[:0]
-            zero = np.float32(0)
-            parallel_for(_pass, n, threads, self.rows, self.rows.reshape(-1), self.neg_unary, self.out, False,
-                         False, self.seq, _NO_OFFSETS, _NO_WEIGHTS, _NO_NORM, none, zero, zero, none,
-                         _NO_OFFSETS, _NO_WEIGHTS, _NO_NORM, none, zero, zero, none)
+            _run_pass(self, threads, self.no_out, False)
             self.has_initial_q = True
 
 
-def _iterate(kernels: Kernels, start: _Start, params: CRFSettings, threads: int) -> np.ndarray:
-    """The mean field from `start` on; returns Q (C, H, W) as `mean_field` does."""
-    ws, rows, row_width, seq = start.ws, start.rows, start.row_width, start.seq
-    n = start.height * start.width
-    g, b = kernels.gaussian, kernels.bilateral
-    g_buffers = (ws.take("g0", (g.n_points + 1, row_width)), ws.take("g1", (g.n_points + 1, row_width)))
-    b_buffers = (ws.take("b0", (b.n_points + 1, row_width)), ws.take("b1", (b.n_points + 1, row_width)))
-    for buffer in (*g_buffers, *b_buffers):
-        buffer[0] = 0  # the missing neighbour
-    inline_splat = threads <= 1
+def _run_pass(start: _Start, threads: int, out: np.ndarray, final: bool, kernels: Kernels | None = None,
+              compat: tuple[np.float32, np.float32] = (np.float32(0), np.float32(0)),
+              blurred: tuple[np.ndarray, np.ndarray] | None = None,
+              splat: tuple[np.ndarray, np.ndarray] | None = None) -> None:
+    """`_pass` over all pixels: Q = softmax(-unary) without `blurred`, else the mean-field update
+    from the kernels' (Gaussian, bilateral) `blurred` lattices and Potts `compat`. Q goes to out if
+    `final`, else to start.rows and, as the pass goes, onto the (Gaussian, bilateral) `splat`
+    lattices if given. `kernels` None: no lattice is used."""
+    rows = start.rows
     none = rows[:0]
-    g_blurred = b_blurred = none
+    blurred = blurred or (none, none)
+    splat = splat or (none, none)
+    if kernels is None:
+        args = [(_NO_OFFSETS, _NO_WEIGHTS, _NO_NORM, none, np.float32(0), np.float32(0), none)] * 2
+    else:
+        args = [(k.offsets, k.weights, k.norm, blurred[i], k.alpha, compat[i], splat[i])
+                for i, k in enumerate((kernels.gaussian, kernels.bilateral))]
+    parallel_for(_pass, start.height * start.width, threads, rows, rows.reshape(-1), start.neg_unary, out,
+                 final, len(blurred[0]) > 0, start.seq, *args[0], *args[1])
+
+
+def _splat_buffers(start: _Start, kernels: Kernels) -> tuple[tuple[np.ndarray, np.ndarray], ...]:
+    """Each kernel's two (M+1, W) buffers in start's workspace, to splat and blur in turn; row 0
+    (the missing neighbour) zero."""
+    pairs = tuple(tuple(start.ws.take(f"{name}{k}", (lattice.n_points + 1, start.row_width)) for k in (0, 1))
+                  for name, lattice in (("g", kernels.gaussian), ("b", kernels.bilateral)))
+    for pair in pairs:
+        for buffer in pair:
+            buffer[0] = 0
+    return pairs
+
+
+def _splat_targets(start: _Start, pairs: tuple[tuple[np.ndarray, np.ndarray], ...],
+                   busy: tuple[np.ndarray, np.ndarray]) -> tuple[np.ndarray, np.ndarray] | None:
+    """Where the next pass splats Q as it goes: zeroed buffers that are not `busy` being sliced, or
+    none when Q is gathered after the pass."""
+    if start.gather:
+        return None
+    targets = tuple(_other(pair, blurred) for pair, blurred in zip(pairs, busy))
+    for target in targets:
+        target[1:] = 0
+    return targets
+
+
+def _prime(kernels: Kernels, start: _Start, threads: int) -> tuple[np.ndarray, np.ndarray]:
+    """Iteration -1 of every setting: Q = softmax(-unary) (unless start has it), splatted and blurred
+    on both lattices. Returns the (Gaussian, bilateral) blurred (M+1, W) lattices, which iteration 0
+    slices, in buffers of `_splat_buffers`."""
+    pairs = _splat_buffers(start, kernels)
+    none = start.rows[:0]
+    splat = _splat_targets(start, pairs, (none, none))
+    if not start.has_initial_q:
+        _run_pass(start, threads, start.no_out, False, kernels, splat=splat)
+    start.has_initial_q = False  # the iterations overwrite it
+    return _filter(start.rows, kernels, pairs, splat, start.seq, threads)
+
+
+def _iterate(kernels: Kernels, start: _Start, params: CRFSettings, threads: int,
+             primed: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
+    """Q after params.iters iterations, returned as `mean_field` does. primed: `_prime`'s result in
+    buffers of their own, when several settings start from it; computed here if None."""
+    out = np.empty((start.height * start.width, start.n_labels), np.float32)
     iters = int(params.iters)
-    for it in range(-1, iters):  # -1: the initial Q = softmax(-unary)
-        final = it == iters - 1
-        g_splat = b_splat = none
-        if inline_splat and not final:
-            g_splat, b_splat = _other(g_buffers, g_blurred), _other(b_buffers, b_blurred)
-            g_splat[1:] = 0
-            b_splat[1:] = 0
-        if not (it < 0 and start.has_initial_q):
-            parallel_for(_pass, n, threads, rows, rows.reshape(-1), start.neg_unary, start.out, final, it >= 0,
-                         seq, g.offsets, g.weights, g.norm, g_blurred, g.alpha, np.float32(-params.pos_w), g_splat,
-                         b.offsets, b.weights, b.norm, b_blurred, b.alpha, np.float32(-params.bi_w), b_splat)
-        if not final:
-            g_blurred, b_blurred = _filter(rows, g, g_buffers, g_splat, b, b_buffers, b_splat, seq, threads)
-    return start.out.T.reshape(start.n_labels, start.height, start.width)
+    if iters == 0:
+        _run_pass(start, threads, out, True)
+    else:
+        blurred = primed or _prime(kernels, start, threads)
+        pairs = _splat_buffers(start, kernels)
+        compat = (np.float32(-params.pos_w), np.float32(-params.bi_w))
+        for it in range(iters):
+            final = it == iters - 1
+            splat = None if final else _splat_targets(start, pairs, blurred)
+            _run_pass(start, threads, out if final else start.no_out, final, kernels, compat, blurred, splat)
+            if not final:
+                blurred = _filter(start.rows, kernels, pairs, splat, start.seq, threads)
+    return out.T.reshape(start.n_labels, start.height, start.width)
 
 
 def warm() -> None:
@@ -232,37 +315,38 @@ def warm() -> None:
     rng = np.random.default_rng(0)
     image = rng.integers(0, 256, (5, 7, 3), dtype=np.uint8)
     params = SimpleNamespace(bi_w=4.0, bi_xy_std=121.0, bi_rgb_std=5.0, pos_w=3.0, pos_xy_std=3.0, iters=1)
-    kernels = prepare(image, params)
-    for threads in (1, 2):  # the pass that splats, and the gather
-        mean_field(kernels, rng.random((3, 5, 7), dtype=np.float32), params, threads)
+    # One mean field runs every kernel: the pass's splat, used on large images, is a branch of its own.
+    mean_field(prepare(image, params), rng.random((3, 5, 7), dtype=np.float32), params)
 
 
 def _other(buffers: tuple[np.ndarray, np.ndarray], busy: np.ndarray) -> np.ndarray:
-    """The buffer of the pair that `busy` (the lattice being sliced, if any) is not."""
+    """The buffer of the pair that `busy` (the lattice being sliced, if any, maybe neither) is not."""
     return buffers[1] if len(busy) and busy.ctypes.data == buffers[0].ctypes.data else buffers[0]
 
 
-def _filter(q: np.ndarray, g: Lattice, g_buffers: tuple[np.ndarray, np.ndarray], g_splat: np.ndarray,
-            b: Lattice, b_buffers: tuple[np.ndarray, np.ndarray], b_splat: np.ndarray,
-            seq: bool, threads: int) -> tuple[np.ndarray, np.ndarray]:
-    """Splat (unless g_splat and b_splat already hold it) and blur both kernels; returns their
-    (M+1, W) blurred lattices. Each step covers both lattices' points, so that threads meet once
-    per step (gather, then blur axis by axis), not once per kernel and step.
+def _filter(q: np.ndarray, kernels: Kernels, pairs: tuple[tuple[np.ndarray, np.ndarray], ...],
+            splat: tuple[np.ndarray, np.ndarray] | None, seq: bool, threads: int) -> tuple[np.ndarray, np.ndarray]:
+    """Splat Q (unless `splat` holds both kernels' splats already) and blur both kernels; returns
+    their (M+1, W) blurred lattices. Each step covers both lattices' points, so that threads meet
+    once per step (gather, then blur axis by axis), not once per kernel and step.
 
-    q: (N, W) Q when gathering; *_buffers: each kernel's two (M+1, W) buffers, row 0 zero.
+    q: (N, W) Q when gathering; pairs: each kernel's two (M+1, W) buffers, row 0 zero.
     """
+    g, b = kernels.gaussian, kernels.bilateral
     g_points, b_points = g.n_points, b.n_points
-    if not len(g_splat):
-        g_splat, b_splat = g_buffers[0], b_buffers[0]
-        parallel_for(_gather_pair, g_points + b_points, threads, q, g_points,
-                     g.csr_start, g.csr_pixel, g.csr_weight, g_splat, b.csr_start, b.csr_pixel, b.csr_weight, b_splat)
-    g_source, g_target = g_splat, _other(g_buffers, g_splat)
-    b_source, b_target = b_splat, _other(b_buffers, b_splat)
+    if splat is None:
+        splat = (pairs[0][0], pairs[1][0])
+        parallel_for(_gather_pair, g_points + b_points, threads, q, g_points, g.csr_start, g.csr_pixel,
+                     g.csr_weight, splat[0], b.csr_start, b.csr_pixel, b.csr_weight, splat[1],
+                     q.nbytes > _CACHED_BYTES)
+    g_source, b_source = splat
+    g_target, b_target = _other(pairs[0], g_source), _other(pairs[1], b_source)
     for axis in range(max(g.dims, b.dims) + 1):
         g_on, b_on = axis <= g.dims, axis <= b.dims
         split = g_points if g_on else 0
-        parallel_for(_blur_pair, split + (b_points if b_on else 0), threads, axis, split,
-                     g_source, g_target, g.neighbours, b_source, b_target, b.neighbours, seq)
+        parallel_for(_blur_pair, split + (b_points if b_on else 0), threads, axis, split, g_source, g_target,
+                     g.neighbours, b_source, b_target, b.neighbours, seq,
+                     g_source.nbytes > _CACHED_BYTES, b_source.nbytes > _CACHED_BYTES)
         if g_on:
             g_source, g_target = g_target, g_source
         if b_on:
@@ -532,12 +616,12 @@ def _gather_block(lanes, blocks):
     """Intrinsic: values[p+1, col:col+n] (n = blocks * lanes) = sum over point p's CSR entries e, in
     order, of csr_weight[e] * q[csr_pixel[e], col:col+n]: pydensecrf's splat of point p, summed in
     `blocks` registers of `lanes` floats from 0 (not through memory: no store-to-load chain per
-    entry), the Q row _AHEAD entries on prefetched."""
+    entry), the Q row _AHEAD entries on prefetched if `prefetch`."""
 
-    def gather_block(typingctx, values, p, q, csr_start, csr_pixel, csr_weight, col):
+    def gather_block(typingctx, values, p, q, csr_start, csr_pixel, csr_weight, col, prefetch):
         def codegen(context, builder, signature, args):
-            values_t, _, q_t, start_t, pixel_t, weight_t, _ = signature.args
-            values, p, q, csr_start, csr_pixel, csr_weight, col = args
+            values_t, _, q_t, start_t, pixel_t, weight_t, _, _ = signature.args
+            values, p, q, csr_start, csr_pixel, csr_weight, col, prefetch = args
             intp = p.type
             one = ir.Constant(intp, 1)
 
@@ -556,11 +640,12 @@ def _gather_block(lanes, blocks):
             last_column = builder.sub(cgutils.unpack_tuple(
                 builder, context.make_array(q_t)(context, builder, q).shape)[1], one)
             with cgutils.for_range_slice(builder, begin, end, one, intp) as (e, _):
-                ahead = builder.add(e, ir.Constant(intp, _AHEAD))
-                ahead = builder.select(builder.icmp_signed("<", ahead, last_entry), ahead, last_entry)
-                ahead_pixel = builder.sext(load(pixel_t, csr_pixel, ahead), intp)
-                for column in (ir.Constant(intp, 0), last_column):  # a 96-byte row spans two cache lines
-                    emit_prefetch(builder, item_pointer(context, builder, q_t, q, [ahead_pixel, column]))
+                with builder.if_then(prefetch):
+                    ahead = builder.add(e, ir.Constant(intp, _AHEAD))
+                    ahead = builder.select(builder.icmp_signed("<", ahead, last_entry), ahead, last_entry)
+                    ahead_pixel = builder.sext(load(pixel_t, csr_pixel, ahead), intp)
+                    for column in (ir.Constant(intp, 0), last_column):  # a 96-byte row spans two cache lines
+                        emit_prefetch(builder, item_pointer(context, builder, q_t, q, [ahead_pixel, column]))
                 pixel = builder.sext(load(pixel_t, csr_pixel, e), intp)
                 w = _broadcast(builder, load(weight_t, csr_weight, e), lanes)
                 for total, pointer in zip(totals, blocks_of(q_t, q, pixel)):
@@ -570,7 +655,7 @@ def _gather_block(lanes, blocks):
                 builder.store(builder.load(total), pointer, align=4)
             return context.get_dummy_value()
 
-        return types.void(values, types.intp, q, csr_start, csr_pixel, csr_weight, types.intp), codegen
+        return types.void(values, types.intp, q, csr_start, csr_pixel, csr_weight, types.intp, types.boolean), codegen
 
     return _named_intrinsic(gather_block, f"gather_block_{blocks}x{lanes}")
 
@@ -589,18 +674,6 @@ def _axpy_row(dst, dst_row, src, src_row, w):
     vectors measured no faster on AVX-512)."""
     for col in range(0, dst.shape[1], _LANES):
         _axpy8(dst, dst_row, src, src_row, col, w)
-
-
-@njit(cache=True, nogil=True, inline="always")
-def _slice(acc, values, offsets, weights, i, alpha):
-    """acc[0] = pixel i's slice of the blurred lattice, as sseCompute computes it. Whole rows of
-    _WIDE floats at a time, so that each vertex's offset and weight are read once per row."""
-    width = acc.shape[1]
-    wide = width // _WIDE * _WIDE
-    for col in range(0, wide, _WIDE):
-        _slice_wide(acc, values, offsets, weights, i, col, alpha)
-    for col in range(wide, width, _LANES):
-        _slice8(acc, values, offsets, weights, i, col, alpha)
 
 
 @njit(cache=True, nogil=True, inline="always")
@@ -640,6 +713,7 @@ def _pass(lo, hi, rows, rows_flat, neg_unary, out, final, pairwise, seq,
     """
     n_labels = out.shape[1]
     width = rows.shape[1]
+    wide = width // _WIDE * _WIDE
     full = n_labels // 4 * 4
     g_acc = np.empty((1, width), np.float32)
     b_acc = np.empty((1, width), np.float32)
@@ -654,17 +728,21 @@ def _pass(lo, hi, rows, rows_flat, neg_unary, out, final, pairwise, seq,
         for r in range(count):
             i = start + r
             if pairwise:
-                # The bilateral lattice is larger than the caches and its rows are scattered.
-                _prefetch_vertices(b_blurred, b_offsets, min(i + _AHEAD_PIXELS, last))
+                # The slice intrinsics are called here, not through an inlined njit helper: numba
+                # left an atomic incref and decref of each array argument per call of one (18% of
+                # the pass, measured).
                 if seq:
                     _slice_seq(g_acc, g_blurred, g_offsets, g_weights, i, g_alpha)
                     _slice_seq(b_acc, b_blurred, b_offsets, b_weights, i, b_alpha)
                 else:
-                    _slice(g_acc, g_blurred, g_offsets, g_weights, i, g_alpha)
-                    _slice(b_acc, b_blurred, b_offsets, b_weights, i, b_alpha)
+                    for col in range(0, wide, _WIDE):
+                        _slice_wide(g_acc, g_blurred, g_offsets, g_weights, i, col, g_alpha)
+                        _slice_wide(b_acc, b_blurred, b_offsets, b_weights, i, col, b_alpha)
+                    for col in range(wide, width, _LANES):
+                        _slice8(g_acc, g_blurred, g_offsets, g_weights, i, col, g_alpha)
+                        _slice8(b_acc, b_blurred, b_offsets, b_weights, i, col, b_alpha)
                 g_norm_i = g_norm[i]
                 b_norm_i = b_norm[i]
-                wide = width // _WIDE * _WIDE
                 for col in range(0, wide, _WIDE):
                     _combine_wide(chunk, r, neg_unary, i, g_acc, g_compat, g_norm_i, b_acc, b_compat, b_norm_i, col)
                 for col in range(wide, width, _LANES):
@@ -780,13 +858,6 @@ def _prefetch_row(values, row):
 
 
 @njit(cache=True, nogil=True, inline="always")
-def _prefetch_vertices(values, offsets, i):
-    """Prefetch the rows of values that pixel i's vertices slice from or splat onto."""
-    for j in range(offsets.shape[1]):
-        _prefetch_row(values, offsets[i, j] + 1)
-
-
-@njit(cache=True, nogil=True, inline="always")
 def _prefetch_vertices_for_write(values, offsets, i):
     """Prefetch, to be written, the rows of values that pixel i's vertices splat onto."""
     for j in range(offsets.shape[1]):
@@ -804,54 +875,61 @@ def _scatter(values, offsets, weights, i, rows, r):
 
 
 @njit(cache=True, nogil=True)
-def _gather(lo, hi, q, csr_start, csr_pixel, csr_weight, values):
+def _gather(lo, hi, q, csr_start, csr_pixel, csr_weight, values, ahead):
     """values[p+1] = sum over point p's pixels, ascending, of w * Q[pixel], for points lo..hi-1:
-    pydensecrf's splat, summed in its order. q: (N, W) float32; values: (M+1, W) float32."""
+    pydensecrf's splat, summed in its order. q: (N, W) float32; values: (M+1, W) float32; ahead:
+    prefetch Q's rows."""
     width = values.shape[1]
     wide = width // _WIDE * _WIDE
     for p in range(lo, hi):
         for col in range(0, wide, _WIDE):
-            _gather_wide(values, p, q, csr_start, csr_pixel, csr_weight, col)
+            _gather_wide(values, p, q, csr_start, csr_pixel, csr_weight, col, ahead)
         for col in range(wide, width, _LANES):
-            _gather8(values, p, q, csr_start, csr_pixel, csr_weight, col)
+            _gather8(values, p, q, csr_start, csr_pixel, csr_weight, col, ahead)
 
 
 @njit(cache=True, nogil=True)
-def _gather_pair(lo, hi, q, split, g_start, g_pixel, g_weight, g_values, b_start, b_pixel, b_weight, b_values):
+def _gather_pair(lo, hi, q, split, g_start, g_pixel, g_weight, g_values, b_start, b_pixel, b_weight, b_values,
+                 ahead):
     """`_gather` of points lo..hi-1 of two lattices numbered one after the other: the first `split`
     are the first lattice's (g), the rest the second's (b)."""
     if lo < split:
-        _gather(lo, min(hi, split), q, g_start, g_pixel, g_weight, g_values)
+        _gather(lo, min(hi, split), q, g_start, g_pixel, g_weight, g_values, ahead)
     if hi > split:
-        _gather(max(lo, split) - split, hi - split, q, b_start, b_pixel, b_weight, b_values)
+        _gather(max(lo, split) - split, hi - split, q, b_start, b_pixel, b_weight, b_values, ahead)
 
 
 @njit(cache=True, nogil=True)
-def _blur_pair(lo, hi, axis, split, g_values, g_blurred, g_neighbours, b_values, b_blurred, b_neighbours, seq):
+def _blur_pair(lo, hi, axis, split, g_values, g_blurred, g_neighbours, b_values, b_blurred, b_neighbours, seq,
+               g_ahead, b_ahead):
     """`_blur` along `axis` of points lo..hi-1 of two lattices numbered one after the other: the
     first `split` are the first lattice's (g), the rest the second's (b)."""
     if lo < split:
-        _blur(lo, min(hi, split), axis, g_values, g_blurred, g_neighbours, seq)
+        _blur(lo, min(hi, split), axis, g_values, g_blurred, g_neighbours, seq, g_ahead)
     if hi > split:
-        _blur(max(lo, split) - split, hi - split, axis, b_values, b_blurred, b_neighbours, seq)
+        _blur(max(lo, split) - split, hi - split, axis, b_values, b_blurred, b_neighbours, seq, b_ahead)
 
 
 @njit(cache=True, nogil=True)
-def _blur(lo, hi, axis, values, blurred, neighbours, seq):
+def _blur(lo, hi, axis, values, blurred, neighbours, seq, ahead):
     """blurred = v + 0.5 * (v[n1] + v[n2]) along one axis for points lo..hi-1, in float32
-    (sseCompute) or with seqCompute's double 0.5. values, blurred: (M+1, W) float32, row 0 zero."""
+    (sseCompute) or with seqCompute's double 0.5. values, blurred: (M+1, W) float32, row 0 zero;
+    ahead: prefetch the neighbours' rows."""
     width = values.shape[1]
     m = neighbours.shape[1]
     for p in range(lo, hi):
-        ahead = min(p + _AHEAD, m - 1)
-        _prefetch_row(values, neighbours[axis, ahead, 0] + 1)
-        _prefetch_row(values, neighbours[axis, ahead, 1] + 1)
+        if ahead:
+            later = min(p + _AHEAD, m - 1)
+            _prefetch_row(values, neighbours[axis, later, 0] + 1)
+            _prefetch_row(values, neighbours[axis, later, 1] + 1)
         n1 = neighbours[axis, p, 0] + 1
         n2 = neighbours[axis, p, 1] + 1
         if seq:
             for k in range(width):
                 blurred[p + 1, k] = np.float32(np.float64(values[p + 1, k])
                                                + 0.5 * np.float64(values[n1, k] + values[n2, k]))
+        elif width == _WIDE:  # VOC's rows: one call, no loop over the columns (measured 35% faster)
+            _blur_wide(blurred, values, p + 1, n1, n2, 0)
         else:
             wide = width // _WIDE * _WIDE
             for col in range(0, wide, _WIDE):

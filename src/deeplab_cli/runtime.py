@@ -26,6 +26,7 @@ class Session:
     provider: str
     classes: list[str]
     model_name: str
+    device_id: int = 0
 
     def run(self, images: np.ndarray, pad_to: tuple[int, int] | None = None,
             outputs: tuple[str, ...] = ("logits",)) -> dict[str, np.ndarray]:
@@ -35,6 +36,21 @@ class Session:
         if pad_to is not None:
             feeds["pad_to"] = np.asarray(pad_to, np.int64)
         return dict(zip(outputs, self.ort_session.run(list(outputs), feeds)))
+
+    def run_keeping(self, images: np.ndarray, pad_to: tuple[int, int] | None, keep: str,
+                    fetch: tuple[str, ...] = ()) -> tuple[object, dict[str, np.ndarray]]:
+        """As `run`, but output `keep` stays where the session computed it, an OrtValue on its device, for
+        a graph that reads it there (the CRF's); only the `fetch` outputs come back to the host."""
+        binding = self.ort_session.io_binding()
+        binding.bind_cpu_input("image", np.ascontiguousarray(images))
+        if pad_to is not None:
+            binding.bind_cpu_input("pad_to", np.asarray(pad_to, np.int64))
+        binding.bind_output(keep, "cuda" if self.provider == CUDA else "cpu", self.device_id)
+        for name in fetch:
+            binding.bind_output(name, "cpu")
+        self.ort_session.run_with_iobinding(binding)
+        kept, *fetched = binding.get_outputs()
+        return kept, {name: value.numpy() for name, value in zip(fetch, fetched)}
 
     @property
     def outputs(self) -> tuple[str, ...]:
@@ -86,12 +102,10 @@ def preload_cuda_libraries(ort) -> str:
     return "; ".join(line.strip() for line in report.getvalue().splitlines() if line.startswith("Failed"))
 
 
-def open_session(model_path: str | os.PathLike, device: str = "auto", threads: int | None = None,
-                 spin: bool = True) -> Session:
-    """Load `model_path` on `device`. `cuda` never falls back to the CPU: it fails with the reason.
-
-    spin=False stops idle onnxruntime threads from busy-waiting, which would take cores from CRF workers.
-    """
+def start_session(model: str | bytes, device: str = "auto", threads: int | None = None, spin: bool = True,
+                  what: str = "the model"):
+    """An onnxruntime InferenceSession of `model` (a path or the serialised graph) on `device`:
+    (session, the provider that runs it, the CUDA device id). `what` names the model in errors."""
     kind, device_id = parse_device(device)
     packages = installed_onnxruntime()
     if len(packages) > 1:
@@ -133,10 +147,10 @@ def open_session(model_path: str | os.PathLike, device: str = "auto", threads: i
     if not spin:
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     try:
-        session = ort.InferenceSession(os.fspath(model_path), options, providers=providers)
+        session = ort.InferenceSession(model, options, providers=providers)
     except Exception as e:  # onnxruntime raises its own untyped errors for unreadable or invalid models
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise RuntimeSetupError(f"{model_path}: cannot load the model ({reason})") from None
+        raise RuntimeSetupError(f"{what}: cannot load the model ({reason})") from None
     active = session.get_providers()[0]
     if kind == "cuda" and active != CUDA:
         # onnxruntime quietly drops CUDA when its libraries (CUDA, cuDNN) cannot be loaded.
@@ -146,9 +160,19 @@ def open_session(model_path: str | os.PathLike, device: str = "auto", threads: i
             f"{missing}; check that the CUDA and cuDNN libraries onnxruntime-gpu needs are installed "
             "(pip install 'onnxruntime-gpu[cuda,cudnn]') and that a GPU is visible (nvidia-smi)"
         )
+    return session, active, device_id
+
+
+def open_session(model_path: str | os.PathLike, device: str = "auto", threads: int | None = None,
+                 spin: bool = True) -> Session:
+    """Load `model_path` on `device`. `cuda` never falls back to the CPU: it fails with the reason.
+
+    spin=False stops idle onnxruntime threads from busy-waiting, which would take cores from CRF workers.
+    """
+    session, active, device_id = start_session(os.fspath(model_path), device, threads, spin, os.fspath(model_path))
     meta = session.get_modelmeta().custom_metadata_map
     try:
         classes = json.loads(meta.get("classes", "[]"))
     except ValueError:
         raise ModelError(f"{model_path}: the model's 'classes' metadata is not JSON") from None
-    return Session(session, active, classes, meta.get("model_name", os.fspath(model_path)))
+    return Session(session, active, classes, meta.get("model_name", os.fspath(model_path)), device_id)

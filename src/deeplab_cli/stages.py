@@ -47,6 +47,7 @@ class Settings:
     overwrite: bool = False
     crf_backend: str = crf_backends.DEFAULT_BACKEND
     crf_threads: int = 1  # threads inside one image's CRF: the cores that no other image is using
+    crf_device: str = "cpu"  # where the onnx CRF backend runs its graph (cpu, cuda, cuda:N)
     max_pixels: int | None = DEFAULT_MAX_PIXELS  # larger images are refused before decoding; None: no limit
 
 
@@ -79,13 +80,13 @@ def scores_to_probs(logits: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
 
 def apply_crf(image: np.ndarray, probs: np.ndarray, crf: CRFParams | None,
-              backend: str = crf_backends.DEFAULT_BACKEND, threads: int = 1) -> np.ndarray:
+              backend: str = crf_backends.DEFAULT_BACKEND, threads: int = 1, device: str = "cpu") -> np.ndarray:
     """The CRF as `segment` and `crf` run it: image (h, w, 3) uint8 BGR and probs (C, h, w) float32 at the
     working size -> (C, h, w) float32 marginals (probs itself when `crf` is None)."""
     if crf is None:
         return probs
     # RGB as DeepLab's CRF binary read it: the permutohedral lattice is not symmetric in the channels.
-    return crf_backends.dense_crf(image[..., ::-1], probs, crf, backend, threads)
+    return crf_backends.dense_crf(image[..., ::-1], probs, crf, backend, threads, device)
 
 
 def is_done(job: Job, settings: Settings) -> bool:
@@ -149,10 +150,12 @@ class Loaded:
     image: np.ndarray  # (H, W, 3) uint8 BGR as decoded
     small: np.ndarray  # (h, w, 3) uint8 BGR, what the network sees
     timings: dict[str, float]
+    lattices: tuple | None = None  # the CRF's (Gaussian, bilateral) lattices of `small`, for a CRF graph
 
 
-def load_job(job: Job, settings: Settings) -> Loaded | Result:
-    """Decode and fit an image to the network; an unreadable one becomes its error Result."""
+def load_job(job: Job, settings: Settings, lattices: bool = False) -> Loaded | Result:
+    """Decode and fit an image to the network, and with `lattices` build its CRF lattices; an unreadable
+    one becomes its error Result."""
     loaded = []
 
     def work(timings):
@@ -160,9 +163,15 @@ def load_job(job: Job, settings: Settings) -> Loaded | Result:
             check_memory(job, settings)
             image = load_image(job.source, settings.max_pixels)
             loaded.append(Loaded(job, image, resize_for_network(image, settings.max_size), timings))
+        if lattices:
+            from deeplab_cli import meanfield
+
+            with _timed(timings, "lattice"):
+                kernels = meanfield.prepare(loaded[0].small[..., ::-1], settings.crf)  # RGB, as apply_crf
+                loaded[0].lattices = (kernels.gaussian, kernels.bilateral)
 
     result = attempt(job, settings, work)
-    return loaded[0] if loaded else result
+    return loaded[0] if result.status == "ok" else result
 
 
 def _wanted(session, settings: Settings, batch: list[Loaded]) -> tuple[str, ...]:
@@ -175,24 +184,53 @@ def _wanted(session, settings: Settings, batch: list[Loaded]) -> tuple[str, ...]
     return ("logits", finished) if "logits" in settings.formats else (finished,)
 
 
-def run_network(batch: list[Loaded], session, settings: Settings) -> list[tuple[Loaded, dict | None, Result | None]]:
-    """Run one batch: (item, its outputs, None), or (item, None, error Result) for every item if it fails."""
+def run_network(batch: list[Loaded], session, settings: Settings, crf=None,
+                packed: Callable[[], dict] | None = None) -> list[tuple[Loaded, dict | None, Result | None]]:
+    """Run one batch: (item, its outputs, None), or (item, None, error Result) for every item if it fails.
+
+    With `crf` (a `crf_graph.GraphCRF` on the session's device) the CRF runs there too, on the batch's
+    lattices (`packed()` gives the graph's inputs): see `_network_and_crf`.
+    """
     pad = None if settings.pad_to is None else (settings.pad_to, settings.pad_to)
     images = batch[0].small[None] if len(batch) == 1 else np.stack([item.small for item in batch])
-    start = time.perf_counter()
+    times: dict[str, float] = {}
     try:
-        out, error = session.run(images, pad, _wanted(session, settings, batch)), None
+        if crf is None:
+            with _timed(times, "network"):
+                out = session.run(images, pad, _wanted(session, settings, batch))
+        else:
+            out = _network_and_crf(images, pad, session, settings, batch, crf, packed, times)
+        error = None
     except Exception as e:  # e.g. onnxruntime running out of memory on one huge image
         out, error = None, e
-    seconds = (time.perf_counter() - start) / len(batch)
     rows = []
     for i, item in enumerate(batch):
-        item.timings["network"] = seconds
+        item.timings.update({stage: seconds / len(batch) for stage, seconds in times.items()})
         if error is None:
             rows.append((item, {name: value[i] for name, value in out.items()}, None))
         else:
             rows.append((item, None, Result(item.job, "error", [], _message(item.job, error), item.timings)))
     return rows
+
+
+def _network_and_crf(images: np.ndarray, pad, session, settings: Settings, batch: list[Loaded], crf,
+                     packed: Callable[[], dict], times: dict[str, float]) -> dict[str, np.ndarray]:
+    """The network, then the CRF graph on its probabilities where they were computed (a GPU's memory):
+    only what the outputs need crosses back, `labels` (N, h, w) uint8, or the marginals as `probs`
+    (N, C, h, w) where an image was resized (its labels come from them at full size) or -f probs asks."""
+    fetch = ("logits",) if "logits" in settings.formats else ()
+    with _timed(times, "network"):
+        probs, out = session.run_keeping(images, pad, "probs", fetch)
+    resized = any(item.image.shape != item.small.shape for item in batch)
+    wanted = "marginals" if resized or "probs" in settings.formats else "labels"
+    inputs = packed()  # packed in a host thread while the network ran
+    with _timed(times, "crf"):
+        result = crf.run(probs, inputs, settings.crf.pos_w, settings.crf.bi_w, (wanted,))[wanted]
+    if wanted == "marginals":
+        out["probs"] = result.transpose(0, 3, 1, 2)  # (N, C, h, w) views of the graph's pixel-major rows
+    else:
+        out["labels"] = result
+    return out
 
 
 def lost_result(job: Job) -> Result:
@@ -223,7 +261,8 @@ def finish(job: Job, settings: Settings, image: np.ndarray, small: np.ndarray, n
         with _timed(timings, "upsample"):
             probs = net["probs"] if "probs" in net else scores_to_probs(net["logits"], small.shape[:2])
         with _timed(timings, "crf"):
-            probs = apply_crf(small, probs, settings.crf, settings.crf_backend, settings.crf_threads)
+            probs = apply_crf(small, probs, settings.crf, settings.crf_backend, settings.crf_threads,
+                              settings.crf_device)
         with _timed(timings, "full size"):
             # Bilinear probabilities then argmax in bands of rows: a 400 MP scan never needs its (C, H, W) map.
             labels = labels_at_size(probs, *image.shape[:2])
