@@ -352,12 +352,11 @@ def crf(inputs, logits_dir, out, recursive, null, overwrite, shard, as_json, qui
 
     from deeplab_cli import scheduling
     from deeplab_cli.crf import check_backend, warm
+    from deeplab_cli.crf_graph import build_graph
     from deeplab_cli.outputs import VOC_CLASSES
     from deeplab_cli.pool import parallel_map
-    from deeplab_cli.stages import Settings, crf_one, lost_result
-
-    from deeplab_cli.crf_graph import build_graph
     from deeplab_cli.runtime import parse_device, start_session
+    from deeplab_cli.stages import Settings, crf_one, lost_result
 
     job_list = gather_jobs(inputs, recursive, shard, null)
     try:
