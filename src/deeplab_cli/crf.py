@@ -29,7 +29,7 @@ DEFAULT_BACKEND = "numba"
 
 # -log of the smallest normal float32: caps the unary only where p itself has underflowed, so the
 # unary is DeepLab's -log p everywhere else (pydensecrf.utils clips at 1e-5, which would cap it at 11.5).
-_MIN_PROB = float(np.finfo(np.float32).tiny)
+MIN_PROB = float(np.finfo(np.float32).tiny)
 
 
 @dataclass(frozen=True)
@@ -196,7 +196,7 @@ def _pydensecrf(image: np.ndarray, probs: np.ndarray, params: CRFParams) -> np.n
 
 def _unary(probs: np.ndarray) -> np.ndarray:
     """(C, H, W) probabilities -> (C, H*W) C-contiguous float32 -log p, built in one buffer."""
-    unary = np.maximum(probs.reshape(probs.shape[0], -1), _MIN_PROB, dtype=np.float32, order="C")
+    unary = np.maximum(probs.reshape(probs.shape[0], -1), MIN_PROB, dtype=np.float32, order="C")
     np.log(unary, out=unary)
     np.negative(unary, out=unary)
     return unary

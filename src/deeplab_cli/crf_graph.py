@@ -22,11 +22,11 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
-from types import SimpleNamespace
 from typing import Sequence
 
 import numpy as np
 
+from deeplab_cli.crf import MIN_PROB, CRFParams
 from deeplab_cli.lattice import Lattice  # deeplab_cli.lattice configures numba before it is imported
 from deeplab_cli.model import OPSET
 
@@ -34,8 +34,6 @@ from numba import njit  # noqa: E402
 
 BUCKETS = 8  # splat blocks per kernel: fewer launches against less padding
 KERNELS = (("g", 2, "pos_w"), ("b", 5, "bi_w"))  # Gaussian (x, y) and bilateral (x, y, r, g, b): prefix, d, weight
-_MIN_PROB = np.float32(np.finfo(np.float32).tiny)  # crf.py's clip of p before the log
-_WARM_PARAMS = SimpleNamespace(bi_xy_std=121.0, bi_rgb_std=5.0, pos_xy_std=3.0)  # what prepare reads
 
 
 def build_graph(iters: int):
@@ -90,7 +88,7 @@ def build_graph(iters: int):
 
     shape = node("Shape", "probs")
     rows = node("Flatten", node("Transpose", "probs", perm=[0, 2, 3, 1]), axis=3)  # (P, C), a pixel per row
-    log_p = node("Log", node("Max", rows, const(_MIN_PROB)))  # -unary
+    log_p = node("Log", node("Max", rows, const(np.float32(MIN_PROB))))  # -unary
     q = node("Softmax", log_p, axis=1)
     for _ in range(iters):
         energy = log_p
@@ -293,5 +291,5 @@ def warm() -> None:
 
     meanfield.warm()
     image = np.zeros((3, 4, 3), np.uint8)
-    kernels = meanfield.prepare(image, _WARM_PARAMS)
+    kernels = meanfield.prepare(image, CRFParams())
     pack([(kernels.gaussian, kernels.bilateral)])

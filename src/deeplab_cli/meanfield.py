@@ -32,6 +32,7 @@ import threading
 from dataclasses import dataclass
 from typing import Iterator, Protocol, Sequence
 
+from deeplab_cli.crf import MIN_PROB
 from deeplab_cli.lattice import (  # deeplab_cli.lattice configures numba before it is imported
     Lattice,
     Workspace,
@@ -66,7 +67,7 @@ _AHEAD_SPLAT = 8  # pixels between the prefetch of a pixel's bilateral splat row
 # gather 5-50% slower at 160x120 and 4-9% faster at 500x375; prefetching the lattice's, the blur 7%
 # slower with 3 MB of rows and 40% faster with 12.5 MB).
 _CACHED_BYTES = 4 << 20
-_MIN_PROB = np.float32(np.finfo(np.float32).tiny)  # crf.py's clip: -log p only where p underflowed
+_MIN_PROB = np.float32(MIN_PROB)  # -log p only where p underflowed
 
 
 class CRFSettings(Protocol):
