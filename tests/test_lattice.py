@@ -48,7 +48,8 @@ def test_shapes_dtypes_and_read_only(built):
     assert lat.csr_pixel.shape == lat.csr_weight.shape == (n * (d + 1),)
     assert lat.neighbours.shape == (d + 1, m, 2) and lat.neighbours.dtype == np.int32
     assert lat.norm.shape == (n,) and lat.norm.dtype == np.float32
-    assert not lat.offsets.flags.writeable and not lat.norm.flags.writeable
+    for name in ("offsets", "weights", "csr_start", "csr_pixel", "csr_weight", "neighbours", "norm"):
+        assert not getattr(lat, name).flags.writeable, name
 
 
 def test_offsets_weights_and_norm(built):

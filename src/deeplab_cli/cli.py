@@ -404,16 +404,13 @@ def crf_tune(inputs, logits_dir, gt_dir, out, recursive, limit, bi_w, bi_xy_std,
       deeplab crf tune val/images val/logits --gt val/labels --limit 100 -o best.json
       deeplab crf val/images val/logits --out masks/ --crf-params best.json
     """
-    import functools
-
     import numpy as np
     from tqdm import tqdm
 
     from deeplab_cli import scheduling, tune
-    from deeplab_cli.crf import check_backend, warm
+    from deeplab_cli.crf import check_backend
     from deeplab_cli.evaluate import scores
     from deeplab_cli.outputs import atomic_write
-    from deeplab_cli.pool import parallel_map
 
     try:
         ranges = {"bi_w": tune.parse_values(bi_w), "bi_xy_std": tune.parse_values(bi_xy_std),
@@ -427,12 +424,11 @@ def crf_tune(inputs, logits_dir, gt_dir, out, recursive, limit, bi_w, bi_xy_std,
     if crf_backend == "onnx":
         raise click.BadParameter("crf tune runs on the CPU: numba or pydensecrf", param_hint="--crf-backend")
     check_backend(crf_backend)
-    lanes = min(jobs or scheduling.usable_cores(), max(1, len(samples)))
-    work = functools.partial(tune.score_sample, settings=settings, num_classes=num_classes, backend=crf_backend,
-                             threads=max(1, scheduling.usable_cores() // lanes))
+    cores = scheduling.usable_cores()
     total, failed = np.zeros((len(settings), num_classes, num_classes + 1), np.int64), 0
     with tqdm(total=len(samples), disable=quiet or not sys.stderr.isatty(), unit="img", file=sys.stderr) as bar:
-        for _, confusions, error in parallel_map(work, samples, lanes, tune.lost_sample, warm, (crf_backend,)):
+        for _, confusions, error in tune.score_samples(samples, settings, num_classes, crf_backend, jobs or cores,
+                                                       cores):
             if error:
                 failed += 1
                 bar.write(f"deeplab: {error}", file=sys.stderr)

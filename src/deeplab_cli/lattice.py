@@ -14,13 +14,14 @@ vectoriser, unless the user has set NUMBA_CACHE_DIR / NUMBA_SLP_VECTORIZE.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 import os
 import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 
@@ -97,20 +98,35 @@ class Lattice:
 
     offsets: (N, d+1) int32, the lattice point of each pixel's simplex vertex, in remainder order.
     weights: (N, d+1) float32, the barycentric weight of each vertex.
-    csr_start: (M+1,) int32; point p's splat inputs are entries csr_start[p]:csr_start[p+1] of
-    csr_pixel: (N*(d+1),) int32, the pixels (ascending: pydensecrf's summation order) and
-    csr_weight: (N*(d+1),) float32, their weights. A gather over these equals pydensecrf's scatter.
     neighbours: (d+1, M, 2) int32, the two neighbours of each point along each blur axis (-1 = none).
     norm: (N,) float32, the NORMALIZE_AFTER factor 1 / (K·1 + 1e-20) of each pixel.
+
+    The splat as a gather (`csr_start`, `csr_pixel`, `csr_weight`) is built when first asked for:
+    one thread splatting in pixel order needs none of it.
     """
 
     offsets: np.ndarray
     weights: np.ndarray
-    csr_start: np.ndarray
-    csr_pixel: np.ndarray
-    csr_weight: np.ndarray
     neighbours: np.ndarray
     norm: np.ndarray
+    csr: Callable[[], tuple[np.ndarray, np.ndarray, np.ndarray]] = field(repr=False, compare=False)
+
+    @property
+    def csr_start(self) -> np.ndarray:
+        """(M+1,) int32: point p's splat inputs are entries csr_start[p]:csr_start[p+1] of
+        `csr_pixel` and `csr_weight`."""
+        return self.csr()[0]
+
+    @property
+    def csr_pixel(self) -> np.ndarray:
+        """(N*(d+1),) int32, the pixels of each point's entries, ascending (pydensecrf's summation
+        order): a gather over these equals pydensecrf's scatter."""
+        return self.csr()[1]
+
+    @property
+    def csr_weight(self) -> np.ndarray:
+        """(N*(d+1),) float32, the weights of each point's entries."""
+        return self.csr()[2]
 
     @property
     def dims(self) -> int:
@@ -170,15 +186,26 @@ def build_lattice(features: np.ndarray, threads: int = 1) -> Lattice:
     m, table = _insert(keys, offsets, point_keys, table)
     point_keys = point_keys[:m]
     offsets, weights = offsets[:n], weights[:n]
-    csr = start_beside(threads, _csr, offsets, weights, m)  # independent of the neighbours
+    for array in (offsets, weights):
+        array.flags.writeable = False
+    if threads > 1:  # built meanwhile: the threads' splat gathers
+        csr = start_beside(threads, _read_only_csr, offsets, weights, m)
+    else:
+        csr = functools.cache(functools.partial(_read_only_csr, offsets, weights, m))
     neighbours = np.empty((d + 1, m, 2), np.int32)
     parallel_for(_neighbours, m, threads, point_keys, table, neighbours)
-    csr_start, csr_pixel, csr_weight = csr()
-    norm = _norm(offsets, weights, csr_start, csr_weight, neighbours, _alpha(d))
-    arrays = (offsets, weights, csr_start, csr_pixel, csr_weight, neighbours, norm)
+    norm = _norm(offsets, weights, neighbours, _alpha(d))
+    for array in (neighbours, norm):
+        array.flags.writeable = False
+    return Lattice(offsets, weights, neighbours, norm, csr)
+
+
+def _read_only_csr(offsets: np.ndarray, weights: np.ndarray, m: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`_csr`'s arrays, read-only."""
+    arrays = _csr(offsets, weights, m)
     for array in arrays:
         array.flags.writeable = False
-    return Lattice(*arrays)
+    return arrays
 
 
 class Workspace:
@@ -517,20 +544,19 @@ def _csr(offsets, weights, m):
 
 
 @njit(cache=True, nogil=True)
-def _norm(offsets, weights, csr_start, csr_weight, neighbours, alpha):
+def _norm(offsets, weights, neighbours, alpha):
     """NORMALIZE_AFTER norm: pydensecrf's `seqCompute` of ones, then 1 / (x + 1e-20) via double.
 
-    Returns (N,) float32. seqCompute blurs with the double 0.5 and slices as (w * v) * alpha.
+    Returns (N,) float32. The splat adds w * 1.0f in pixel order, as pydensecrf; seqCompute blurs
+    with the double 0.5 and slices as (w * v) * alpha.
     """
     n, d1 = offsets.shape
-    m = len(csr_start) - 1
+    m = neighbours.shape[1]
     values = np.zeros(m + 1, np.float32)  # row 0 is the missing neighbour, always 0
     blurred = np.zeros(m + 1, np.float32)
-    for p in range(m):
-        acc = np.float32(0)
-        for e in range(csr_start[p], csr_start[p + 1]):
-            acc += csr_weight[e]  # w * 1.0f
-        values[p + 1] = acc
+    for k in range(n):
+        for r in range(d1):
+            values[offsets[k, r] + 1] += weights[k, r]
     for j in range(d1):
         for p in range(m):
             s = values[neighbours[j, p, 0] + 1] + values[neighbours[j, p, 1] + 1]

@@ -407,63 +407,87 @@ def _broadcast(builder, value, lanes):
                                   ir.Constant(ir.VectorType(ir.IntType(32), lanes), [0] * lanes))
 
 
-def _axpy(lanes):
-    """Intrinsic: dst[dst_row, col:col+lanes] += w * src[src_row, col:col+lanes], a float32 multiply
-    then add (no FMA) on whole vectors: no alias checks or remainder loops in the way."""
+def _scatter_block(lanes, blocks):
+    """Intrinsic: values[offsets[i, j] + 1, col:col+n] += weights[i, j] * rows[r, col:col+n] for each
+    of pixel i's vertices j in order (pydensecrf's splat; n = blocks * lanes), a float32 multiply then
+    add (no FMA) on `blocks` vectors of `lanes` floats. rows[r] is loaded once for all vertices: as
+    numba arrays, values and rows may alias, so a loop over the vertices would reload it after every
+    store (the splat took 19% longer so, measured)."""
 
-    @intrinsic
-    def axpy(typingctx, dst, dst_row, src, src_row, col, w):
+    def scatter_block(typingctx, values, offsets, weights, i, rows, r, col):
         def codegen(context, builder, signature, args):
-            d = _block_pointer(context, builder, signature.args[0], args[0], args[1], args[4], lanes)
-            s = _block_pointer(context, builder, signature.args[2], args[2], args[3], args[4], lanes)
-            product = builder.fmul(_broadcast(builder, args[5], lanes), builder.load(s, align=4))
-            builder.store(builder.fadd(builder.load(d, align=4), product), d, align=4)
-            return context.get_dummy_value()
-
-        return types.void(dst, types.intp, src, types.intp, types.intp, types.float32), codegen
-
-    return axpy
-
-
-def _slice_block(lanes, blocks):
-    """Intrinsic: acc[0, col:col+n] (n = blocks * lanes) = sum over pixel i's vertices j, in order,
-    of (weights[i, j] * alpha) * values[offsets[i, j] + 1, col:col+n] (sseCompute's slice), the sums
-    kept in `blocks` registers of `lanes` floats, each vertex's offset and weight read once."""
-
-    def slice_block(typingctx, acc, values, offsets, weights, i, col, alpha):
-        def codegen(context, builder, signature, args):
-            acc_t, values_t, offsets_t, weights_t = signature.args[:4]
-            acc, values, offsets, weights, i, col, alpha = args
-            totals = [cgutils.alloca_once_value(builder, ir.Constant(_vector(lanes), None))
-                      for _ in range(blocks)]
-            offsets_view = context.make_array(offsets_t)(context, builder, offsets)
-            weights_view = context.make_array(weights_t)(context, builder, weights)
-            shape = cgutils.unpack_tuple(builder, offsets_view.shape)
-            with cgutils.for_range(builder, shape[1]) as loop:
-                o = builder.load(cgutils.get_item_pointer2(
-                    context, builder, offsets_view.data, shape,
-                    cgutils.unpack_tuple(builder, offsets_view.strides), offsets_t.layout, [i, loop.index],
-                    wraparound=False))
-                w = builder.load(cgutils.get_item_pointer2(
-                    context, builder, weights_view.data, shape,
-                    cgutils.unpack_tuple(builder, weights_view.strides), weights_t.layout, [i, loop.index],
-                    wraparound=False))
+            values_t, offsets_t, weights_t, _, rows_t = signature.args[:5]
+            values, offsets, weights, i, rows, r, col = args
+            columns = [builder.add(col, ir.Constant(col.type, b * lanes)) for b in range(blocks)]
+            source = [builder.load(_block_pointer(context, builder, rows_t, rows, r, at, lanes), align=4)
+                      for at in columns]
+            with cgutils.for_range(builder, cgutils.unpack_tuple(
+                    builder, context.make_array(offsets_t)(context, builder, offsets).shape)[1]) as loop:
+                o = builder.load(item_pointer(context, builder, offsets_t, offsets, [i, loop.index]))
+                weight = _broadcast(builder, builder.load(item_pointer(context, builder, weights_t, weights,
+                                                                       [i, loop.index])), lanes)
                 row = builder.add(builder.sext(o, i.type), ir.Constant(i.type, 1))
-                weight = _broadcast(builder, builder.fmul(w, alpha), lanes)
-                for b, total in enumerate(totals):
-                    at = builder.add(col, ir.Constant(col.type, b * lanes))
-                    v = builder.load(_block_pointer(context, builder, values_t, values, row, at, lanes), align=4)
-                    builder.store(builder.fadd(builder.load(total), builder.fmul(weight, v)), total)
-            zero = context.get_constant(types.intp, 0)
-            for b, total in enumerate(totals):
-                at = builder.add(col, ir.Constant(col.type, b * lanes))
-                pointer = _block_pointer(context, builder, acc_t, acc, zero, at, lanes)
-                builder.store(builder.load(total), pointer, align=4)
+                for at, value in zip(columns, source):
+                    pointer = _block_pointer(context, builder, values_t, values, row, at, lanes)
+                    product = builder.fmul(weight, value)
+                    builder.store(builder.fadd(builder.load(pointer, align=4), product), pointer, align=4)
             return context.get_dummy_value()
 
-        return types.void(acc, values, offsets, weights, types.intp, types.intp, types.float32), codegen
+        return types.void(values, offsets, weights, types.intp, rows, types.intp, types.intp), codegen
 
-    return _named_intrinsic(slice_block, f"slice_block_{blocks}x{lanes}")
+    return _named_intrinsic(scatter_block, f"scatter_block_{blocks}x{lanes}")
+
+
+def _emit_slice(context, builder, values_t, values, offsets_t, offsets, weights_t, weights, i, col, alpha, lanes,
+                blocks):
+    """LLVM IR: the `blocks` vectors of `lanes` floats sum over pixel i's vertices j, in order, of
+    (weights[i, j] * alpha) * values[offsets[i, j] + 1, col:col + blocks * lanes] (sseCompute's slice),
+    each vertex's offset and weight read once, the sums in registers."""
+    totals = [cgutils.alloca_once_value(builder, ir.Constant(_vector(lanes), None)) for _ in range(blocks)]
+    columns = [builder.add(col, ir.Constant(col.type, b * lanes)) for b in range(blocks)]
+    with cgutils.for_range(builder, cgutils.unpack_tuple(
+            builder, context.make_array(offsets_t)(context, builder, offsets).shape)[1]) as loop:
+        o = builder.load(item_pointer(context, builder, offsets_t, offsets, [i, loop.index]))
+        w = builder.load(item_pointer(context, builder, weights_t, weights, [i, loop.index]))
+        row = builder.add(builder.sext(o, i.type), ir.Constant(i.type, 1))
+        weight = _broadcast(builder, builder.fmul(w, alpha), lanes)
+        for at, total in zip(columns, totals):
+            v = builder.load(_block_pointer(context, builder, values_t, values, row, at, lanes), align=4)
+            builder.store(builder.fadd(builder.load(total), builder.fmul(weight, v)), total)
+    return [builder.load(total) for total in totals]
+
+
+def _message_block(lanes, blocks):
+    """Intrinsic: rows[r, c] = (neg_unary[i, c] - g_compat * (g_slice[c] * g_norm))
+    - b_compat * (b_slice[c] * b_norm) for c in col..col+n (n = blocks * lanes): both kernels'
+    slices of pixel i (`_emit_slice`) and DenseCRF's messages, subtracted in its order, in registers."""
+
+    def message_block(typingctx, rows, r, neg_unary, i, col, g_values, g_offsets, g_weights, g_alpha, g_compat,
+                      g_norm, b_values, b_offsets, b_weights, b_alpha, b_compat, b_norm):
+        def codegen(context, builder, signature, args):
+            rows_t, _, unary_t = signature.args[:3]
+            rows, r, neg_unary, i, col = args[:5]
+            kernels = []
+            for first in (5, 11):
+                values, offsets, weights, alpha, compat, norm = args[first:first + 6]
+                values_t, offsets_t, weights_t = signature.args[first:first + 3]
+                sliced = _emit_slice(context, builder, values_t, values, offsets_t, offsets, weights_t, weights,
+                                     i, col, alpha, lanes, blocks)
+                kernels.append((sliced, _broadcast(builder, compat, lanes), _broadcast(builder, norm, lanes)))
+            (g, g_compat, g_norm), (b, b_compat, b_norm) = kernels
+            for k in range(blocks):
+                at = builder.add(col, ir.Constant(col.type, k * lanes))
+                unary = builder.load(_block_pointer(context, builder, unary_t, neg_unary, i, at, lanes), align=4)
+                value = builder.fsub(unary, builder.fmul(g_compat, builder.fmul(g[k], g_norm)))
+                value = builder.fsub(value, builder.fmul(b_compat, builder.fmul(b[k], b_norm)))
+                builder.store(value, _block_pointer(context, builder, rows_t, rows, r, at, lanes), align=4)
+            return context.get_dummy_value()
+
+        kernel = (types.float32, types.float32, types.float32)
+        return types.void(rows, types.intp, neg_unary, types.intp, types.intp, g_values, g_offsets, g_weights,
+                          *kernel, b_values, b_offsets, b_weights, *kernel), codegen
+
+    return _named_intrinsic(message_block, f"message_block_{blocks}x{lanes}")
 
 
 def _half(builder, vector, high):
@@ -556,9 +580,10 @@ def _normalise24(typingctx, rows, r, tails, n_labels):
     return types.void(rows, types.intp, tails, types.intp), codegen
 
 
-_slice8 = _slice_block(_LANES, 1)
-_slice_wide = _slice_block(_LANES, 3)
-_axpy8 = _axpy(_LANES)
+_message8 = _message_block(_LANES, 1)
+_message_wide = _message_block(_LANES, 3)
+_scatter8 = _scatter_block(_LANES, 1)
+_scatter_wide = _scatter_block(_LANES, 3)
 
 
 def _blur_block(lanes, blocks):
@@ -664,17 +689,8 @@ def _gather_block(lanes, blocks):
 _gather8 = _gather_block(_LANES, 1)
 _gather_wide = _gather_block(_LANES, 3)
 _combine8 = _combine_block(_LANES, 1)
-_combine_wide = _combine_block(_LANES, 3)
 _blur8 = _blur_block(_LANES, 1)
 _blur_wide = _blur_block(_LANES, 3)
-
-
-@njit(cache=True, nogil=True, inline="always")
-def _axpy_row(dst, dst_row, src, src_row, w):
-    """dst[dst_row] += w * src[src_row] for rows of a multiple of 8 floats, 8 at a time (16-float
-    vectors measured no faster on AVX-512)."""
-    for col in range(0, dst.shape[1], _LANES):
-        _axpy8(dst, dst_row, src, src_row, col, w)
 
 
 @njit(cache=True, nogil=True, inline="always")
@@ -728,26 +744,20 @@ def _pass(lo, hi, rows, rows_flat, neg_unary, out, final, pairwise, seq,
         # Each step is a loop of its own over the chunk's rows, so that each vectorises.
         for r in range(count):
             i = start + r
-            if pairwise:
-                # The slice intrinsics are called here, not through an inlined njit helper: numba
-                # left an atomic incref and decref of each array argument per call of one (18% of
-                # the pass, measured).
-                if seq:
-                    _slice_seq(g_acc, g_blurred, g_offsets, g_weights, i, g_alpha)
-                    _slice_seq(b_acc, b_blurred, b_offsets, b_weights, i, b_alpha)
-                else:
-                    for col in range(0, wide, _WIDE):
-                        _slice_wide(g_acc, g_blurred, g_offsets, g_weights, i, col, g_alpha)
-                        _slice_wide(b_acc, b_blurred, b_offsets, b_weights, i, col, b_alpha)
-                    for col in range(wide, width, _LANES):
-                        _slice8(g_acc, g_blurred, g_offsets, g_weights, i, col, g_alpha)
-                        _slice8(b_acc, b_blurred, b_offsets, b_weights, i, col, b_alpha)
-                g_norm_i = g_norm[i]
-                b_norm_i = b_norm[i]
+            if pairwise and seq:
+                _slice_seq(g_acc, g_blurred, g_offsets, g_weights, i, g_alpha)
+                _slice_seq(b_acc, b_blurred, b_offsets, b_weights, i, b_alpha)
+                for col in range(0, width, _LANES):
+                    _combine8(chunk, r, neg_unary, i, g_acc, g_compat, g_norm[i], b_acc, b_compat, b_norm[i], col)
+            elif pairwise:
+                # Intrinsics called here, not through an inlined njit helper: numba left an atomic
+                # incref and decref of each array argument per call of one (18% of the pass, measured).
                 for col in range(0, wide, _WIDE):
-                    _combine_wide(chunk, r, neg_unary, i, g_acc, g_compat, g_norm_i, b_acc, b_compat, b_norm_i, col)
+                    _message_wide(chunk, r, neg_unary, i, col, g_blurred, g_offsets, g_weights, g_alpha, g_compat,
+                                  g_norm[i], b_blurred, b_offsets, b_weights, b_alpha, b_compat, b_norm[i])
                 for col in range(wide, width, _LANES):
-                    _combine8(chunk, r, neg_unary, i, g_acc, g_compat, g_norm_i, b_acc, b_compat, b_norm_i, col)
+                    _message8(chunk, r, neg_unary, i, col, g_blurred, g_offsets, g_weights, g_alpha, g_compat,
+                              g_norm[i], b_blurred, b_offsets, b_weights, b_alpha, b_compat, b_norm[i])
             else:
                 for k in range(width):
                     chunk[r, k] = neg_unary[i, k]
@@ -782,10 +792,16 @@ def _pass(lo, hi, rows, rows_flat, neg_unary, out, final, pairwise, seq,
                     out[start + r, k] = chunk[r, k]
         elif len(g_splat):
             for r in range(count):  # one lattice at a time: measured faster than interleaved
-                _scatter(g_splat, g_offsets, g_weights, start + r, chunk, r)
+                for col in range(0, wide, _WIDE):
+                    _scatter_wide(g_splat, g_offsets, g_weights, start + r, chunk, r, col)
+                for col in range(wide, width, _LANES):
+                    _scatter8(g_splat, g_offsets, g_weights, start + r, chunk, r, col)
             for r in range(count):
                 _prefetch_vertices_for_write(b_splat, b_offsets, min(start + r + _AHEAD_SPLAT, last))
-                _scatter(b_splat, b_offsets, b_weights, start + r, chunk, r)
+                for col in range(0, wide, _WIDE):
+                    _scatter_wide(b_splat, b_offsets, b_weights, start + r, chunk, r, col)
+                for col in range(wide, width, _LANES):
+                    _scatter8(b_splat, b_offsets, b_weights, start + r, chunk, r, col)
 
 
 @njit(cache=True, nogil=True, inline="always")
@@ -864,15 +880,6 @@ def _prefetch_vertices_for_write(values, offsets, i):
     for j in range(offsets.shape[1]):
         prefetch_for_write(values, offsets[i, j] + 1, 0)
         prefetch_for_write(values, offsets[i, j] + 1, values.shape[1] - 1)
-
-
-@njit(cache=True, nogil=True, inline="always")
-def _scatter(values, offsets, weights, i, rows, r):
-    """values[vertex + 1] += w * rows[r] for each vertex of pixel i, in order (pydensecrf's splat)."""
-    for j in range(offsets.shape[1]):
-        o = offsets[i, j] + 1
-        w = weights[i, j]
-        _axpy_row(values, o, rows, r, w)
 
 
 @njit(cache=True, nogil=True)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import itertools
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -64,24 +66,66 @@ def sample_confusions(sample: Sample, settings: list[CRFParams], num_classes: in
     # RGB, as stages.refine gives the CRF.
     confusions = np.empty((len(settings), num_classes, num_classes + 1), np.int64)
     for index, q in dense_crf_grid(small[..., ::-1], probs, settings, backend, threads):
-        # Q comes pixel-major (class fastest); labels_at_size, reading it class by class, takes 2.8 ms
-        # a setting at 160x120 from that, 1.5 with the class-major copy (the same labels).
-        labels = labels_at_size(np.ascontiguousarray(q), *image.shape[:2])
+        labels = labels_at_size(q, *image.shape[:2])
         confusions[index] = confusion_matrix(truth, labels, num_classes)
     return confusions
 
 
-def score_sample(sample: Sample, settings: list[CRFParams], num_classes: int, backend: str = DEFAULT_BACKEND,
-                 threads: int = 1):
-    """Worker entry point: (sample, confusions or None, error message or None)."""
+def parts(settings: list[CRFParams], count: int) -> list[list[int]]:
+    """The settings' indices in at most `count` parts of whole kernel-width groups (a part builds each
+    of its lattices once), the groups dealt round-robin so that the parts cost alike."""
+    groups: dict[tuple[float, float, float], list[int]] = {}
+    for index, params in enumerate(settings):
+        groups.setdefault((params.bi_xy_std, params.bi_rgb_std, params.pos_xy_std), []).append(index)
+    members = list(groups.values())
+    count = max(1, min(count, len(members)))
+    return [[index for group in members[k::count] for index in group] for k in range(count)]
+
+
+def score_samples(samples: list[Sample], settings: list[CRFParams], num_classes: int, backend: str,
+                  jobs: int, cores: int) -> Iterator[tuple[Sample, np.ndarray | None, str | None]]:
+    """(sample, (len(settings), num_classes, num_classes + 1) confusions or None, error or None) for every
+    sample, each as soon as it is done, on `jobs` worker processes sharing `cores`.
+
+    With fewer than four samples a worker, each sample's grid is cut into parts (`parts`) so that no
+    worker idles while another finishes a whole image alone. A sample fails if any of its parts does.
+    """
+    from deeplab_cli.crf import warm
+    from deeplab_cli.pool import parallel_map
+
+    cuts = parts(settings, -(-4 * jobs // max(1, len(samples))))
+    tasks = [(sample, part) for sample in samples for part in cuts]
+    lanes = max(1, min(jobs, len(tasks)))
+    work = functools.partial(_score_part, settings=settings, num_classes=num_classes, backend=backend,
+                             threads=max(1, cores // lanes))
+    pending: dict[Sample, tuple[int, np.ndarray | None, str | None]] = {}  # parts left, confusions, error
+    for (sample, part), scored, error in parallel_map(work, tasks, lanes, _lost_part, warm, (backend,)):
+        left, confusions, first_error = pending.pop(sample, (len(cuts), None, None))
+        first_error = first_error or error
+        if first_error:
+            confusions = None
+        else:
+            if confusions is None:
+                confusions = np.empty((len(settings), num_classes, num_classes + 1), np.int64)
+            confusions[part] = scored
+        if left > 1:
+            pending[sample] = (left - 1, confusions, first_error)
+        else:
+            yield sample, confusions, first_error
+
+
+def _score_part(task: tuple[Sample, list[int]], settings: list[CRFParams], num_classes: int, backend: str,
+                threads: int):
+    """Worker entry point: (task, confusions of the part's settings or None, error message or None)."""
+    sample, part = task
     try:
-        return sample, sample_confusions(sample, settings, num_classes, backend, threads), None
+        return task, sample_confusions(sample, [settings[i] for i in part], num_classes, backend, threads), None
     except InputError as e:
-        return sample, None, str(e)
+        return task, None, str(e)
     except Exception as e:  # reported per sample, like every batch command
-        return sample, None, f"{sample.image}: {type(e).__name__}: {e}"
+        return task, None, f"{sample.image}: {type(e).__name__}: {e}"
 
 
-def lost_sample(sample: Sample):
-    """What `score_sample` would return for a sample whose worker process kept dying."""
-    return sample, None, f"{sample.image}: the worker process died while scoring it"
+def _lost_part(task: tuple[Sample, list[int]]):
+    """What `_score_part` would return for a task whose worker process kept dying."""
+    return task, None, f"{task[0].image}: the worker process died while scoring it"

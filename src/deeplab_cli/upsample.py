@@ -298,12 +298,13 @@ def banding_is_exact(probs_hw: tuple[int, int], size: tuple[int, int]) -> bool:
     return _plan(*probs_hw, *size).form is not None
 
 
-def _checked(probs: np.ndarray, height: int, width: int) -> np.ndarray:
+def _checked(probs: np.ndarray, height: int, width: int, contiguous: bool = True) -> np.ndarray:
+    """probs as float32, C-contiguous unless not `contiguous`; ValueError for bad shapes or values."""
     if probs.ndim != 3 or not 1 <= probs.shape[0] <= 256:
         raise ValueError(f"probs must be (C, h, w) with 1 <= C <= 256, got shape {probs.shape}")
     if height < 1 or width < 1:
         raise ValueError(f"height and width must be >= 1, got {height}, {width}")
-    probs = np.ascontiguousarray(probs, dtype=np.float32)
+    probs = np.ascontiguousarray(probs, dtype=np.float32) if contiguous else probs.astype(np.float32, copy=False)
     if not np.isfinite(probs).all():
         raise ValueError("probs must be finite")
     return probs
@@ -343,11 +344,11 @@ def label_bands(probs: np.ndarray, height: int, width: int,
     (`banding_is_exact`), one band holds the whole map, computed by cv2 over column slices.
     Raises ValueError for bad shapes or non-finite values.
     """
+    if probs.ndim == 3 and probs.shape[1:] == (height, width):  # any memory layout: no copy
+        yield 0, labels_from_scores(_checked(probs, height, width, contiguous=False))
+        return
     probs = _checked(probs, height, width)
     channels, h, w = probs.shape
-    if (h, w) == (height, width):
-        yield 0, labels_from_scores(probs)
-        return
     plan = _plan(h, w, height, width)
     if plan.form is None:
         yield from _label_bands_by_columns(probs, height, width, band_bytes)
