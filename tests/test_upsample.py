@@ -214,6 +214,18 @@ def test_prob_chunks_equal_the_full_map_in_npy_order(shape, size, band_bytes):
     np.testing.assert_array_equal(half, full.astype(np.float16).ravel())
 
 
+@pytest.mark.parametrize("shape, size", SIZES)
+def test_labels_at_size_read_pixel_major_marginals_as_class_major(shape, size):
+    # The CRF returns Q as a (C, H, W) view of (H*W, C) memory; at the same size no copy is made.
+    probs = tied_probs(*shape)
+    pixel_major = np.ascontiguousarray(probs.reshape(shape[0], -1).T).T.reshape(shape)
+    assert shape[0] == 1 or not pixel_major.flags.c_contiguous
+    np.testing.assert_array_equal(labels_at_size(pixel_major, *size), labels_at_size(probs, *size))
+    pixel_major.base[3, 0] = np.nan
+    with pytest.raises(ValueError, match="finite"):
+        labels_at_size(pixel_major, *size)
+
+
 def test_label_bands_cover_the_rows_in_order():
     probs = smooth_probs(21, 43, 64)
     bands = list(label_bands(probs, 997, 1283, band_bytes=1 << 18))  # 997: prime, no band divides it
