@@ -219,9 +219,8 @@ def test_labels_at_size_read_pixel_major_marginals_as_class_major(shape, size):
     # The CRF returns Q as a (C, H, W) view of (H*W, C) memory; at the same size no copy is made.
     probs = tied_probs(*shape)
     pixel_major = np.ascontiguousarray(probs.reshape(shape[0], -1).T).T.reshape(shape)
-    assert shape[0] == 1 or not pixel_major.flags.c_contiguous
     np.testing.assert_array_equal(labels_at_size(pixel_major, *size), labels_at_size(probs, *size))
-    pixel_major.base[3, 0] = np.nan
+    pixel_major[-1, -1, -1] = np.nan
     with pytest.raises(ValueError, match="finite"):
         labels_at_size(pixel_major, *size)
 
