@@ -87,13 +87,14 @@ def score_samples(samples: list[Sample], settings: list[CRFParams], num_classes:
     """(sample, (len(settings), num_classes, num_classes + 1) confusions or None, error or None) for every
     sample, each as soon as it is done, on `jobs` worker processes sharing `cores`.
 
-    With fewer than four samples a worker, each sample's grid is cut into parts (`parts`) so that no
-    worker idles while another finishes a whole image alone. A sample fails if any of its parts does.
+    With several workers and fewer than four samples a worker, each sample's grid is cut into parts
+    (`parts`) so that no worker idles while another finishes a whole image alone. A sample fails if
+    any of its parts does.
     """
     from deeplab_cli.crf import warm
     from deeplab_cli.pool import parallel_map
 
-    cuts = parts(settings, -(-4 * jobs // max(1, len(samples))))
+    cuts = parts(settings, -(-4 * jobs // max(1, len(samples))) if jobs > 1 else 1)
     tasks = [(sample, part) for sample in samples for part in cuts]
     lanes = max(1, min(jobs, len(tasks)))
     work = functools.partial(_score_part, settings=settings, num_classes=num_classes, backend=backend,
