@@ -113,10 +113,12 @@ def test_one_worker_and_many_agree(labelled_set):
 def test_a_broken_sample_is_reported_and_skipped(labelled_set):
     root = labelled_set
     (root / "gt/2.png").unlink()
+    # Two workers and three samples: each sample's four width groups run in three parts.
     result = invoke("crf", "tune", root / "img", root / "logits", "--gt", root / "gt", "-o", root / "b.json",
-                    "--bi-w", "4", "--bi-xy-std", "50", "--bi-rgb-std", "5", "--json", "--limit", "3")
+                    "--bi-w", "4", "--bi-xy-std", "50,60", "--bi-rgb-std", "5,6", "--json", "--limit", "3",
+                    "-j", "2")
     assert result.exit_code == 1
-    assert result.stderr.count(str(root / "gt/2.png")) == 1  # once, though its grid ran in several parts
+    assert result.stderr.count(str(root / "gt/2.png")) == 1  # once, though each of its parts failed
     assert json.loads(result.stdout)["images"] == 2  # --limit 3 took 0, 1, 2; 2 failed
 
 
