@@ -457,10 +457,23 @@ def _emit_slice(context, builder, values_t, values, offsets_t, offsets, weights_
     return [builder.load(total) for total in totals]
 
 
+def _emit_messages(context, builder, rows_t, rows, r, unary_t, neg_unary, i, col, lanes, g, g_compat, g_norm,
+                   b, b_compat, b_norm):
+    """LLVM IR: rows[r, c] = (neg_unary[i, c] - g_compat * (g[c] * g_norm)) - b_compat * (b[c] * b_norm)
+    for the columns of the vectors g and b (each kernel's slice, `lanes` floats a vector, from col on):
+    DenseCRF's messages, subtracted in its order."""
+    g_compat, g_norm, b_compat, b_norm = (_broadcast(builder, x, lanes) for x in (g_compat, g_norm, b_compat, b_norm))
+    for k, (g_k, b_k) in enumerate(zip(g, b)):
+        at = builder.add(col, ir.Constant(col.type, k * lanes))
+        unary = builder.load(_block_pointer(context, builder, unary_t, neg_unary, i, at, lanes), align=4)
+        value = builder.fsub(unary, builder.fmul(g_compat, builder.fmul(g_k, g_norm)))
+        value = builder.fsub(value, builder.fmul(b_compat, builder.fmul(b_k, b_norm)))
+        builder.store(value, _block_pointer(context, builder, rows_t, rows, r, at, lanes), align=4)
+
+
 def _message_block(lanes, blocks):
-    """Intrinsic: rows[r, c] = (neg_unary[i, c] - g_compat * (g_slice[c] * g_norm))
-    - b_compat * (b_slice[c] * b_norm) for c in col..col+n (n = blocks * lanes): both kernels'
-    slices of pixel i (`_emit_slice`) and DenseCRF's messages, subtracted in its order, in registers."""
+    """Intrinsic: both kernels' slices of pixel i (`_emit_slice`) and their messages (`_emit_messages`)
+    for columns col..col+n (n = blocks * lanes), in registers."""
 
     def message_block(typingctx, rows, r, neg_unary, i, col, g_values, g_offsets, g_weights, g_alpha, g_compat,
                       g_norm, b_values, b_offsets, b_weights, b_alpha, b_compat, b_norm):
@@ -473,14 +486,8 @@ def _message_block(lanes, blocks):
                 values_t, offsets_t, weights_t = signature.args[first:first + 3]
                 sliced = _emit_slice(context, builder, values_t, values, offsets_t, offsets, weights_t, weights,
                                      i, col, alpha, lanes, blocks)
-                kernels.append((sliced, _broadcast(builder, compat, lanes), _broadcast(builder, norm, lanes)))
-            (g, g_compat, g_norm), (b, b_compat, b_norm) = kernels
-            for k in range(blocks):
-                at = builder.add(col, ir.Constant(col.type, k * lanes))
-                unary = builder.load(_block_pointer(context, builder, unary_t, neg_unary, i, at, lanes), align=4)
-                value = builder.fsub(unary, builder.fmul(g_compat, builder.fmul(g[k], g_norm)))
-                value = builder.fsub(value, builder.fmul(b_compat, builder.fmul(b[k], b_norm)))
-                builder.store(value, _block_pointer(context, builder, rows_t, rows, r, at, lanes), align=4)
+                kernels += [sliced, compat, norm]
+            _emit_messages(context, builder, rows_t, rows, r, unary_t, neg_unary, i, col, lanes, *kernels)
             return context.get_dummy_value()
 
         kernel = (types.float32, types.float32, types.float32)
@@ -610,9 +617,8 @@ def _blur_block(lanes, blocks):
 
 
 def _combine_block(lanes, blocks):
-    """Intrinsic: rows[r, c] = (neg_unary[i, c] - g_compat * (g_acc[0, c] * g_norm))
-    - b_compat * (b_acc[0, c] * b_norm) for c in col..col+n (n = blocks * lanes), DenseCRF's
-    messages subtracted in its order, on `blocks` vectors of `lanes` floats."""
+    """Intrinsic: `_emit_messages` of the slices in g_acc[0] and b_acc[0] (the seqCompute path's), for
+    columns col..col+n (n = blocks * lanes), on `blocks` vectors of `lanes` floats."""
 
     def combine_block(typingctx, rows, r, neg_unary, i, g_acc, g_compat, g_norm, b_acc, b_compat, b_norm,
                       col):
@@ -620,16 +626,14 @@ def _combine_block(lanes, blocks):
             rows_t, _, unary_t, _, g_acc_t, _, _, b_acc_t = signature.args[:8]
             rows, r, neg_unary, i, g_acc, g_compat, g_norm, b_acc, b_compat, b_norm, col = args
             zero = context.get_constant(types.intp, 0)
-            g_compat, g_norm, b_compat, b_norm = (_broadcast(builder, x, lanes)
-                                                  for x in (g_compat, g_norm, b_compat, b_norm))
-            for b in range(blocks):
-                at = builder.add(col, ir.Constant(col.type, b * lanes))
-                unary = builder.load(_block_pointer(context, builder, unary_t, neg_unary, i, at, lanes), align=4)
-                g = builder.load(_block_pointer(context, builder, g_acc_t, g_acc, zero, at, lanes), align=4)
-                bb = builder.load(_block_pointer(context, builder, b_acc_t, b_acc, zero, at, lanes), align=4)
-                value = builder.fsub(unary, builder.fmul(g_compat, builder.fmul(g, g_norm)))
-                value = builder.fsub(value, builder.fmul(b_compat, builder.fmul(bb, b_norm)))
-                builder.store(value, _block_pointer(context, builder, rows_t, rows, r, at, lanes), align=4)
+
+            def sums(acc_t, acc):
+                return [builder.load(_block_pointer(context, builder, acc_t, acc, zero,
+                                                    builder.add(col, ir.Constant(col.type, k * lanes)), lanes),
+                                     align=4) for k in range(blocks)]
+
+            _emit_messages(context, builder, rows_t, rows, r, unary_t, neg_unary, i, col, lanes,
+                           sums(g_acc_t, g_acc), g_compat, g_norm, sums(b_acc_t, b_acc), b_compat, b_norm)
             return context.get_dummy_value()
 
         return types.void(rows, types.intp, neg_unary, types.intp, g_acc, types.float32, types.float32,
