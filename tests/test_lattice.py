@@ -112,6 +112,19 @@ def test_bad_features_are_refused():
         lattice.build_lattice(np.zeros((0, 2), np.float32))
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.int32, np.int64])
+def test_workspace_buffers_start_on_a_cache_line_and_are_reused(dtype):
+    ws = lattice.Workspace()
+    for shape in [(3,), (1000, 24), (5, 7, 3), (250_000, 24)]:  # the last is malloc'd by mmap
+        array = ws.take("a", shape, dtype)
+        assert array.shape == shape and array.dtype == dtype and array.flags.c_contiguous
+        assert array.ctypes.data % 64 == 0
+        array[...] = 7
+    smaller = ws.take("a", (10, 24), dtype)
+    assert smaller.ctypes.data == array.ctypes.data  # the grown buffer, not a new one
+    assert ws.take("b", (10, 24), dtype).ctypes.data != smaller.ctypes.data
+
+
 def test_parallel_for_covers_the_range_once_even_while_the_pool_is_busy():
     import threading
     import time

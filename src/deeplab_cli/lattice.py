@@ -216,13 +216,26 @@ class Workspace:
         self._buffers: dict[tuple[str, np.dtype], np.ndarray] = {}
 
     def take(self, name: str, shape: tuple[int, ...], dtype: Any = np.float32) -> np.ndarray:
-        """An uninitialised C-contiguous array of this shape, a view of the named buffer."""
+        """An uninitialised C-contiguous array of this shape, a view of the named buffer, starting
+        on a cache line (`_LINE`)."""
         size = math.prod(shape)
         key = (name, np.dtype(dtype))
         buffer = self._buffers.get(key)
         if buffer is None or buffer.size < size:
-            buffer = self._buffers[key] = np.empty(size, dtype)
+            buffer = self._buffers[key] = _line_aligned(size, np.dtype(dtype))
         return buffer[:size].reshape(shape)
+
+
+# malloc gives large blocks 16 bytes past a page boundary. Rows of 24 floats (96 bytes) there put every
+# other 32-byte vector across two cache lines; from a line's start, none (measured 3.5% faster per image).
+_LINE = 64
+
+
+def _line_aligned(size: int, dtype: np.dtype) -> np.ndarray:
+    """An uninitialised (size,) array of dtype whose data starts on a `_LINE`-byte boundary."""
+    raw = np.empty(size * dtype.itemsize + _LINE, np.uint8)
+    skip = -raw.ctypes.data % _LINE
+    return raw[skip:skip + size * dtype.itemsize].view(dtype)
 
 
 _local = threading.local()

@@ -174,9 +174,17 @@ def grid(image: np.ndarray, probs: np.ndarray, settings: Sequence[CRFSettings],
         primed = None
         if any(int(settings[index].iters) > 0 for index in members):
             # Copied out of the buffers that each setting's iterations splat and blur in.
-            primed = tuple(np.copy(blurred) for blurred in _prime(kernels, start, threads))
+            primed = tuple(_copy(start.ws, f"primed{k}", blurred)
+                           for k, blurred in enumerate(_prime(kernels, start, threads)))
         for index in members:
             yield index, _iterate(kernels, start, settings[index], threads, primed)
+
+
+def _copy(ws: Workspace, name: str, array: np.ndarray) -> np.ndarray:
+    """A copy of `array` in ws's buffer `name` (aligned, as the kernels' rows need to be fast)."""
+    copy = ws.take(name, array.shape, array.dtype)
+    np.copyto(copy, array)
+    return copy
 
 
 def _check_probs(probs: np.ndarray, height: int, width: int) -> None:
