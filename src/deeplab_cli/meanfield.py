@@ -465,26 +465,36 @@ def _emit_slice(context, builder, values_t, values, offsets_t, offsets, weights_
     return [builder.load(total) for total in totals]
 
 
-def _emit_messages(context, builder, rows_t, rows, r, unary_t, neg_unary, i, col, lanes, g, g_compat, g_norm,
-                   b, b_compat, b_norm):
-    """LLVM IR: rows[r, c] = (neg_unary[i, c] - g_compat * (g[c] * g_norm)) - b_compat * (b[c] * b_norm)
+def _emit_messages(context, builder, unary_t, neg_unary, i, col, lanes, g, g_compat, g_norm, b, b_compat, b_norm):
+    """LLVM IR: the vectors (neg_unary[i, c] - g_compat * (g[c] * g_norm)) - b_compat * (b[c] * b_norm)
     for the columns of the vectors g and b (each kernel's slice, `lanes` floats a vector, from col on):
     DenseCRF's messages, subtracted in its order."""
     g_compat, g_norm, b_compat, b_norm = (_broadcast(builder, x, lanes) for x in (g_compat, g_norm, b_compat, b_norm))
+    values = []
     for k, (g_k, b_k) in enumerate(zip(g, b)):
         at = builder.add(col, ir.Constant(col.type, k * lanes))
         unary = builder.load(_block_pointer(context, builder, unary_t, neg_unary, i, at, lanes), align=4)
         value = builder.fsub(unary, builder.fmul(g_compat, builder.fmul(g_k, g_norm)))
-        value = builder.fsub(value, builder.fmul(b_compat, builder.fmul(b_k, b_norm)))
-        builder.store(value, _block_pointer(context, builder, rows_t, rows, r, at, lanes), align=4)
+        values.append(builder.fsub(value, builder.fmul(b_compat, builder.fmul(b_k, b_norm))))
+    return values
 
 
-def _message_block(lanes, blocks):
+def _store_blocks(context, builder, rows_t, rows, r, col, values):
+    """LLVM IR: rows[r, col:] = the vectors `values`, one after the other."""
+    at = col
+    for value in values:
+        builder.store(value, _block_pointer(context, builder, rows_t, rows, r, at, value.type.count), align=4)
+        at = builder.add(at, ir.Constant(col.type, value.type.count))
+
+
+def _message_block(lanes, blocks, minus_max=False):
     """Intrinsic: both kernels' slices of pixel i (`_emit_slice`) and their messages (`_emit_messages`)
-    for columns col..col+n (n = blocks * lanes), in registers."""
+    for columns col..col+n (n = blocks * lanes), in registers, into rows[r]. With `minus_max` (rows of
+    24 floats, col 0), less their maximum over the first n_labels (`_emit_minus_max24`): the softmax's
+    first step without a store and reload of the row; n_labels is not used otherwise."""
 
     def message_block(typingctx, rows, r, neg_unary, i, col, g_values, g_offsets, g_weights, g_alpha, g_compat,
-                      g_norm, b_values, b_offsets, b_weights, b_alpha, b_compat, b_norm):
+                      g_norm, b_values, b_offsets, b_weights, b_alpha, b_compat, b_norm, n_labels):
         def codegen(context, builder, signature, args):
             rows_t, _, unary_t = signature.args[:3]
             rows, r, neg_unary, i, col = args[:5]
@@ -495,14 +505,17 @@ def _message_block(lanes, blocks):
                 sliced = _emit_slice(context, builder, values_t, values, offsets_t, offsets, weights_t, weights,
                                      i, col, alpha, lanes, blocks)
                 kernels += [sliced, compat, norm]
-            _emit_messages(context, builder, rows_t, rows, r, unary_t, neg_unary, i, col, lanes, *kernels)
+            messages = _emit_messages(context, builder, unary_t, neg_unary, i, col, lanes, *kernels)
+            if minus_max:
+                messages = _emit_minus_max24(builder, messages, args[17])
+            _store_blocks(context, builder, rows_t, rows, r, col, messages)
             return context.get_dummy_value()
 
         kernel = (types.float32, types.float32, types.float32)
         return types.void(rows, types.intp, neg_unary, types.intp, types.intp, g_values, g_offsets, g_weights,
-                          *kernel, b_values, b_offsets, b_weights, *kernel), codegen
+                          *kernel, b_values, b_offsets, b_weights, *kernel, types.intp), codegen
 
-    return _named_intrinsic(message_block, f"message_block_{blocks}x{lanes}")
+    return _named_intrinsic(message_block, f"message_block_{blocks}x{lanes}{'_minus_max' * minus_max}")
 
 
 def _half(builder, vector, high):
@@ -523,80 +536,152 @@ def _row24(context, builder, rows_type, rows, r):
             for col in (0, _LANES, 2 * _LANES)]
 
 
+def _emit_minus_max24(builder, row, n_labels):
+    """LLVM IR: the three 8-float vectors `row` less their maximum over the first n_labels lanes,
+    17 <= n_labels <= 24 (the maximum is exact in any order; the padding lanes are rewritten later)."""
+    v0, v1, v2 = row
+    lane_labels = ir.Constant(ir.VectorType(ir.IntType(64), _LANES), list(range(2 * _LANES, 3 * _LANES)))
+    limit = builder.insert_element(ir.Constant(lane_labels.type, ir.Undefined), n_labels,
+                                   ir.Constant(ir.IntType(32), 0))
+    limit = builder.shuffle_vector(limit, ir.Constant(lane_labels.type, ir.Undefined),
+                                   ir.Constant(ir.VectorType(ir.IntType(32), _LANES), [0] * _LANES))
+    lowest = _broadcast(builder, ir.Constant(ir.FloatType(), -math.inf), _LANES)
+    v2_labels = builder.select(builder.icmp_signed("<", lane_labels, limit), v2, lowest)
+
+    def vmax(a, b):
+        return builder.select(builder.fcmp_ordered(">", a, b), a, b)
+
+    m = vmax(vmax(v0, v1), v2_labels)
+    m = vmax(_half(builder, m, 0), _half(builder, m, 1))
+    m = vmax(_half(builder, m, 0), _half(builder, m, 1))
+    m = vmax(_lane(builder, m, 0), _lane(builder, m, 1))
+    m = _broadcast(builder, m, _LANES)
+    return [builder.fsub(v, m) for v in row]
+
+
 @intrinsic
 def _subtract_max24(typingctx, rows, r, n_labels):
-    """rows[r] -= max(rows[r, :n_labels]) for rows of 24 floats and 17 <= n_labels <= 24, in three
-    8-float registers (the maximum is exact in any order; the padding lanes are rewritten later)."""
+    """rows[r] = `_emit_minus_max24` of rows[r], a row of 24 floats."""
 
     def codegen(context, builder, signature, args):
         rows, r, n_labels = args
         pointers = _row24(context, builder, signature.args[0], rows, r)
-        v0, v1, v2 = (builder.load(p, align=4) for p in pointers)
-        lane_labels = ir.Constant(ir.VectorType(ir.IntType(64), _LANES), list(range(2 * _LANES, 3 * _LANES)))
-        limit = builder.insert_element(ir.Constant(lane_labels.type, ir.Undefined), n_labels,
-                                       ir.Constant(ir.IntType(32), 0))
-        limit = builder.shuffle_vector(limit, ir.Constant(lane_labels.type, ir.Undefined),
-                                       ir.Constant(ir.VectorType(ir.IntType(32), _LANES), [0] * _LANES))
-        lowest = _broadcast(builder, ir.Constant(ir.FloatType(), -math.inf), _LANES)
-        v2_labels = builder.select(builder.icmp_signed("<", lane_labels, limit), v2, lowest)
-
-        def vmax(a, b):
-            return builder.select(builder.fcmp_ordered(">", a, b), a, b)
-
-        m = vmax(vmax(v0, v1), v2_labels)
-        m = vmax(_half(builder, m, 0), _half(builder, m, 1))
-        m = vmax(_half(builder, m, 0), _half(builder, m, 1))
-        m = vmax(_lane(builder, m, 0), _lane(builder, m, 1))
-        m = _broadcast(builder, m, _LANES)
-        for pointer, v in zip(pointers, (v0, v1, v2)):
-            builder.store(builder.fsub(v, m), pointer, align=4)
+        row = _emit_minus_max24(builder, [builder.load(p, align=4) for p in pointers], n_labels)
+        for pointer, v in zip(pointers, row):
+            builder.store(v, pointer, align=4)
         return context.get_dummy_value()
 
     return types.void(rows, types.intp, types.intp), codegen
 
 
-@intrinsic
-def _normalise24(typingctx, rows, r, tails, n_labels):
-    """rows[r, :20] and tails[r, :n_labels - 20] (the labels after them), divided by their sum in
-    Eigen 3.3's SSE order, into rows[r] (24 floats, padding 0), for 20 <= n_labels <= 23:
+def _emit_pexp(builder, xs):
+    """LLVM IR: `_pexp` on each lane of each float vector in xs, the same float32 operations, emitted
+    step by step across the vectors: each is a chain of 25 dependent operations, and interleaved
+    chains keep the CPU's floating-point schedulers busy (row by row they filled with waiting ones)."""
+    lanes = xs[0].type.count
+    i32s = ir.VectorType(ir.IntType(32), lanes)
+
+    def constant(value):
+        return _broadcast(builder, ir.Constant(ir.FloatType(), float(value)), lanes)
+
+    def each(step, *operands):
+        return [step(*vectors) for vectors in zip(*operands)]
+
+    def below(a, b):
+        return builder.select(builder.fcmp_ordered("<", a, b), a, b)
+
+    def above(a, b):
+        return builder.select(builder.fcmp_ordered(">", a, b), a, b)
+
+    hi, lo, one, zero = constant(_EXP_HI), constant(_EXP_LO), constant(_ONE), constant(_ZERO)
+    x = each(lambda v: above(below(v, hi), lo), xs)
+    fx = each(lambda v: builder.fadd(builder.fmul(v, constant(_LOG2EF)), constant(_HALF)), x)
+    tmp = each(lambda v: builder.sitofp(builder.fptosi(v, i32s), v.type), fx)
+    fx = each(lambda t, f: builder.fsub(t, builder.select(builder.fcmp_ordered(">", t, f), one, zero)), tmp, fx)
+    for c in (_EXP_C1, _EXP_C2):
+        x = each(lambda v, f: builder.fsub(v, builder.fmul(f, constant(c))), x, fx)
+    z = each(lambda v: builder.fmul(v, v), x)
+    y = each(lambda v: builder.fadd(builder.fmul(constant(_P0), v), constant(_P1)), x)
+    for p in (_P2, _P3, _P4, _P5):
+        y = each(lambda u, v: builder.fadd(builder.fmul(u, v), constant(p)), y, x)
+    y = each(lambda u, w, v: builder.fadd(builder.fadd(builder.fmul(u, w), v), one), y, z, x)
+    bias, shift = ir.Constant(i32s, [127] * lanes), ir.Constant(i32s, [23] * lanes)
+    y = each(lambda u, f: builder.fmul(u, builder.bitcast(
+        builder.shl(builder.add(builder.fptosi(f, i32s), bias), shift), u.type)), y, fx)
+    return each(lambda u, v: above(u, v), y, xs)
+
+
+def _softmax_rows24(count):
+    """Intrinsic: for rows r..r+count-1 of 24 floats (less their maximum), pexp of labels 0-19
+    (`_emit_pexp`, all rows' vectors interleaved) and tails[r, :n_labels - 20] (expf of the labels
+    after them), divided by their sum in Eigen 3.3's SSE order, into the rows (padding 0), for
+    20 <= n_labels <= 23, all in registers:
     a = x[0:4] + x[8:12], b = x[4:8] + x[12:16] (8-float v0 + v1), a += b, a += x[16:20],
     (a0 + a2) + (a1 + a3), then x[20:n_labels] one by one (`_eigen_sum`)."""
 
+    def softmax_rows24(typingctx, rows, r, tails, n_labels):
+        def codegen(context, builder, signature, args):
+            rows, r, tails, n_labels = args
+            at = [builder.add(r, ir.Constant(r.type, k)) for k in range(count)]
+            pointers = [p for row in at for p in _row24(context, builder, signature.args[0], rows, row)]
+            exps = _emit_pexp(builder, [builder.load(p, align=4) for p in pointers])
+            i64s = ir.VectorType(ir.IntType(64), _LANES)
+            limit = builder.insert_element(ir.Constant(i64s, ir.Undefined), n_labels, ir.Constant(ir.IntType(32), 0))
+            limit = builder.shuffle_vector(limit, ir.Constant(i64s, ir.Undefined),
+                                           ir.Constant(ir.VectorType(ir.IntType(32), _LANES), [0] * _LANES))
+            tail_lanes = builder.icmp_signed("<", ir.Constant(i64s, list(range(16, 24))), limit)
+            zero = ir.Constant(_vector(_LANES), [0.0] * _LANES)
+            for k, row in enumerate(at):
+                v0, v1, v2 = exps[3 * k:3 * k + 3]
+                # Lanes 4-7 of v2 from the tails, 0 past the labels (kept in registers: no reload of stores).
+                tail = builder.load(_block_pointer(context, builder, signature.args[2], tails, row,
+                                                   context.get_constant(types.intp, 0), 4), align=4)
+                spread = builder.shuffle_vector(tail, ir.Constant(tail.type, ir.Undefined), ir.Constant(
+                    ir.VectorType(ir.IntType(32), _LANES), [0] * 4 + [0, 1, 2, 3]))
+                spread = builder.select(tail_lanes, spread, zero)
+                v2 = builder.select(ir.Constant(ir.VectorType(ir.IntType(1), _LANES), [1] * 4 + [0] * 4), v2, spread)
+                ab = builder.fadd(v0, v1)
+                a = builder.fadd(_half(builder, ab, 0), _half(builder, ab, 1))
+                a = builder.fadd(a, _half(builder, v2, 0))
+                total = builder.fadd(builder.fadd(_lane(builder, a, 0), _lane(builder, a, 2)),
+                                     builder.fadd(_lane(builder, a, 1), _lane(builder, a, 3)))
+                for j in range(4, 7):  # labels 20-22, where present (label 23 would make 24: another order)
+                    present = builder.icmp_signed(">", n_labels, ir.Constant(n_labels.type, 16 + j))
+                    total = builder.select(present, builder.fadd(total, _lane(builder, v2, j)), total)
+                total = _broadcast(builder, total, _LANES)
+                for pointer, v in zip(pointers[3 * k:3 * k + 3], (v0, v1, v2)):
+                    builder.store(builder.fdiv(v, total), pointer, align=4)
+            return context.get_dummy_value()
+
+        return types.void(rows, types.intp, tails, types.intp), codegen
+
+    return _named_intrinsic(softmax_rows24, f"softmax_rows24_{count}")
+
+
+@intrinsic
+def _pexp_block(typingctx, flat, k):
+    """flat[k:k + 4 * _LANES] = `_pexp` of each, as four interleaved vectors (`_emit_pexp`)."""
+
     def codegen(context, builder, signature, args):
-        rows, r, tails, n_labels = args
-        pointers = _row24(context, builder, signature.args[0], rows, r)
-        v0, v1, v2 = (builder.load(p, align=4) for p in pointers)
-        # Lanes 4-7 of v2 from the tails, 0 past the labels (kept in registers: no reload of stores).
-        tail = builder.load(_block_pointer(context, builder, signature.args[2], tails, r,
-                                           context.get_constant(types.intp, 0), 4), align=4)
-        i64s = ir.VectorType(ir.IntType(64), _LANES)
-        spread = builder.shuffle_vector(tail, ir.Constant(tail.type, ir.Undefined),
-                                        ir.Constant(ir.VectorType(ir.IntType(32), _LANES), [0] * 4 + [0, 1, 2, 3]))
-        limit = builder.insert_element(ir.Constant(i64s, ir.Undefined), n_labels, ir.Constant(ir.IntType(32), 0))
-        limit = builder.shuffle_vector(limit, ir.Constant(i64s, ir.Undefined),
-                                       ir.Constant(ir.VectorType(ir.IntType(32), _LANES), [0] * _LANES))
-        labels = ir.Constant(i64s, list(range(16, 24)))
-        zero = ir.Constant(v2.type, [0.0] * _LANES)
-        spread = builder.select(builder.icmp_signed("<", labels, limit), spread, zero)
-        v2 = builder.select(ir.Constant(ir.VectorType(ir.IntType(1), _LANES), [1] * 4 + [0] * 4), v2, spread)
-        ab = builder.fadd(v0, v1)
-        a = builder.fadd(_half(builder, ab, 0), _half(builder, ab, 1))
-        a = builder.fadd(a, _half(builder, v2, 0))
-        total = builder.fadd(builder.fadd(_lane(builder, a, 0), _lane(builder, a, 2)),
-                             builder.fadd(_lane(builder, a, 1), _lane(builder, a, 3)))
-        for k in range(4, 7):  # labels 20-22, where present (label 23 would make 24: another order)
-            present = builder.icmp_signed(">", n_labels, ir.Constant(n_labels.type, 16 + k))
-            total = builder.select(present, builder.fadd(total, _lane(builder, v2, k)), total)
-        total = _broadcast(builder, total, _LANES)
-        for pointer, v in zip(pointers, (v0, v1, v2)):
-            builder.store(builder.fdiv(v, total), pointer, align=4)
+        flat, k = args
+        pointers = []
+        for b in range(4):
+            at = builder.add(k, ir.Constant(k.type, b * _LANES))
+            pointers.append(builder.bitcast(item_pointer(context, builder, signature.args[0], flat, [at]),
+                                            _vector(_LANES).as_pointer()))
+        for pointer, v in zip(pointers, _emit_pexp(builder, [builder.load(p, align=4) for p in pointers])):
+            builder.store(v, pointer, align=4)
         return context.get_dummy_value()
 
-    return types.void(rows, types.intp, tails, types.intp), codegen
+    return types.void(flat, types.intp), codegen
 
 
+_SOFTMAX_ROWS = 4  # rows per call of `_softmax_rows`: 4 measured fastest (2: 11% slower, 8: spills)
+_softmax_rows = _softmax_rows24(_SOFTMAX_ROWS)
+_softmax_row = _softmax_rows24(1)
 _message8 = _message_block(_LANES, 1)
 _message_wide = _message_block(_LANES, 3)
+_message_minus_max24 = _message_block(_LANES, 3, minus_max=True)
 _scatter8 = _scatter_block(_LANES, 1)
 _scatter_wide = _scatter_block(_LANES, 3)
 
@@ -640,8 +725,9 @@ def _combine_block(lanes, blocks):
                                                     builder.add(col, ir.Constant(col.type, k * lanes)), lanes),
                                      align=4) for k in range(blocks)]
 
-            _emit_messages(context, builder, rows_t, rows, r, unary_t, neg_unary, i, col, lanes,
-                           sums(g_acc_t, g_acc), g_compat, g_norm, sums(b_acc_t, b_acc), b_compat, b_norm)
+            _store_blocks(context, builder, rows_t, rows, r, col, _emit_messages(
+                context, builder, unary_t, neg_unary, i, col, lanes,
+                sums(g_acc_t, g_acc), g_compat, g_norm, sums(b_acc_t, b_acc), b_compat, b_norm))
             return context.get_dummy_value()
 
         return types.void(rows, types.intp, neg_unary, types.intp, g_acc, types.float32, types.float32,
@@ -748,6 +834,8 @@ def _pass(lo, hi, rows, rows_flat, neg_unary, out, final, pairwise, seq,
     b_acc = np.empty((1, width), np.float32)
     tails = np.empty((_CHUNK, 4), np.float32)  # expf of the labels after the last 4-float packet
     last = len(neg_unary) - 1
+    rows24 = width == 3 * _LANES  # 17-24 labels, VOC's 21: whole rows in registers
+    minus_max = pairwise and not seq and rows24  # the messages come less their maximum
     for start in range(lo, hi, _CHUNK):
         stop = min(hi, start + _CHUNK)
         count = stop - start
@@ -761,22 +849,25 @@ def _pass(lo, hi, rows, rows_flat, neg_unary, out, final, pairwise, seq,
                 _slice_seq(b_acc, b_blurred, b_offsets, b_weights, i, b_alpha)
                 for col in range(0, width, _LANES):
                     _combine8(chunk, r, neg_unary, i, g_acc, g_compat, g_norm[i], b_acc, b_compat, b_norm[i], col)
-            elif pairwise:
+            elif minus_max:
                 # Intrinsics called here, not through an inlined njit helper: numba left an atomic
                 # incref and decref of each array argument per call of one (18% of the pass, measured).
+                _message_minus_max24(chunk, r, neg_unary, i, 0, g_blurred, g_offsets, g_weights, g_alpha, g_compat,
+                                     g_norm[i], b_blurred, b_offsets, b_weights, b_alpha, b_compat, b_norm[i],
+                                     n_labels)
+            elif pairwise:
                 for col in range(0, wide, _WIDE):
                     _message_wide(chunk, r, neg_unary, i, col, g_blurred, g_offsets, g_weights, g_alpha, g_compat,
-                                  g_norm[i], b_blurred, b_offsets, b_weights, b_alpha, b_compat, b_norm[i])
+                                  g_norm[i], b_blurred, b_offsets, b_weights, b_alpha, b_compat, b_norm[i], n_labels)
                 for col in range(wide, width, _LANES):
                     _message8(chunk, r, neg_unary, i, col, g_blurred, g_offsets, g_weights, g_alpha, g_compat,
-                              g_norm[i], b_blurred, b_offsets, b_weights, b_alpha, b_compat, b_norm[i])
+                              g_norm[i], b_blurred, b_offsets, b_weights, b_alpha, b_compat, b_norm[i], n_labels)
             else:
                 for k in range(width):
                     chunk[r, k] = neg_unary[i, k]
         # Eigen's expAndNormalize: subtract the max, pexp on the labels before the last full
         # 4-float packet, expf on the rest, divide by the sum taken in Eigen's order.
-        rows24 = width == 3 * _LANES  # 17-24 labels, VOC's 21: whole rows in registers
-        for r in range(count):
+        for r in range(count if not minus_max else 0):
             if rows24:
                 _subtract_max24(chunk, r, n_labels)
             else:
@@ -786,13 +877,20 @@ def _pass(lo, hi, rows, rows_flat, neg_unary, out, final, pairwise, seq,
         for r in range(count):
             for k in range(full, n_labels):
                 tails[r, k - full] = math.exp(chunk[r, k])
-        flat = rows_flat[first * width:(first + count) * width]  # one loop, so that it vectorises
-        for k in range(len(flat)):
-            flat[k] = _pexp(flat[k])
-        for r in range(count):
-            if rows24 and full == 20:
-                _normalise24(chunk, r, tails, n_labels)
-            else:
+        if rows24 and full == 20:
+            grouped = count // _SOFTMAX_ROWS * _SOFTMAX_ROWS
+            for r in range(0, grouped, _SOFTMAX_ROWS):
+                _softmax_rows(chunk, r, tails, n_labels)
+            for r in range(grouped, count):
+                _softmax_row(chunk, r, tails, n_labels)
+        else:
+            flat = rows_flat[first * width:(first + count) * width]
+            blocked = len(flat) // (4 * _LANES) * (4 * _LANES)
+            for k in range(0, blocked, 4 * _LANES):
+                _pexp_block(flat, k)
+            for k in range(blocked, len(flat)):
+                flat[k] = _pexp(flat[k])
+            for r in range(count):
                 for k in range(full, width):
                     chunk[r, k] = tails[r, k - full] if k < n_labels else np.float32(0)
                 s = _eigen_sum(chunk, r, n_labels)
