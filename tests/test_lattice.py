@@ -112,6 +112,28 @@ def test_bad_features_are_refused():
         lattice.build_lattice(np.zeros((0, 2), np.float32))
 
 
+@pytest.mark.parametrize("d", [1, 2, 3, 5, 6])
+@pytest.mark.parametrize("scale", [0.01, 1.0, 30.0, 3000.0])  # 3000: keys wrap their 16-bit coordinates
+def test_simplices_eight_at_a_time_equal_one_at_a_time(d, scale):
+    rng = np.random.default_rng(d)
+    features = (rng.normal(0, scale, (203, d)) + rng.integers(-3, 4, (203, d)) * scale).astype(np.float32)
+    features[10:30] = features[10]  # a flat run
+    features[40:60] = np.round(features[40:60])  # ties in the rounding and the ranks
+    n_pad = 204
+    scale_factors = lattice._scale_factors(d)
+    results = []
+    for simplices, lo in ((lattice._simplices, 0), (lattice._simplices_fast, 0), (lattice._simplices_fast, 3)):
+        keys = np.zeros((n_pad, d + 1, 3), np.int64)
+        weights = np.zeros((n_pad, d + 1), np.float32)
+        if lo:  # in pieces that do not start on a block
+            simplices(0, lo, features, scale_factors, keys, weights)
+        simplices(lo, n_pad, features, scale_factors, keys, weights)
+        results.append((keys, weights.view(np.int32)))
+    for keys, weights in results[1:]:
+        np.testing.assert_array_equal(keys, results[0][0])
+        np.testing.assert_array_equal(weights, results[0][1])  # bit for bit
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.int32, np.int64])
 def test_workspace_buffers_start_on_a_cache_line_and_are_reused(dtype):
     ws = lattice.Workspace()

