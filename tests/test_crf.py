@@ -148,6 +148,14 @@ def test_dense_crf_rejects_bad_shapes(image_shape, image_dtype, probs_shape, bac
         dense_crf(np.zeros(image_shape, image_dtype), np.full(probs_shape, 0.5, np.float32), backend=backend)
 
 
+def test_an_unknown_backend_is_refused_not_replaced():
+    image, probs = np.zeros((4, 5, 3), np.uint8), np.full((2, 4, 5), 0.5, np.float32)
+    with pytest.raises(ValueError, match="unknown CRF backend 'numpy'"):
+        dense_crf(image, probs, backend="numpy")
+    with pytest.raises(ValueError, match="unknown CRF backend 'numpy'"):
+        list(dense_crf_grid(image, probs, [CRFParams()], backend="numpy"))
+
+
 def test_default_params_are_deeplab_largefov():
     assert CRFParams().to_dict() == {
         "bi_w": 4.0,

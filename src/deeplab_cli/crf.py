@@ -127,7 +127,7 @@ def dense_crf(image: np.ndarray, probs: np.ndarray, params: CRFParams = CRFParam
     Unary -log p (p clipped to the smallest normal float32); Potts compatibility (compat = weight),
     DIAG_KERNEL, NORMALIZE_AFTER as DeepLab's CRF binary did, not pydensecrf's NORMALIZE_SYMMETRIC.
     With params.iters == 0 the result is softmax(-unary), i.e. probs itself (renormalised).
-    Raises ValueError on shape or dtype mismatch.
+    Raises ValueError on shape or dtype mismatch, or an unknown backend.
     """
     _check_inputs(image, probs)
     if backend == "pydensecrf":
@@ -137,6 +137,8 @@ def dense_crf(image: np.ndarray, probs: np.ndarray, params: CRFParams = CRFParam
         from deeplab_cli import crf_graph
 
         return crf_graph.dense_crf(image, probs, params, device, threads)
+    if backend != "numba":
+        raise ValueError(f"unknown CRF backend {backend!r} (known: {', '.join(BACKENDS)})")
     from deeplab_cli import meanfield
 
     return meanfield.dense_crf(image, probs, params, threads)
