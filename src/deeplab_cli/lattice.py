@@ -63,31 +63,23 @@ def item_pointer(context, builder, array_type, array, indices):
                                      wraparound=False)
 
 
-def emit_prefetch(builder, pointer, write=False):
-    """LLVM IR: hint the CPU to fetch the cache line at `pointer`, to be written or read."""
+def emit_prefetch(builder, pointer):
+    """LLVM IR: hint the CPU to fetch the cache line at `pointer`, to be read."""
     i8p, i32 = ir.IntType(8).as_pointer(), ir.IntType(32)
     hint = cgutils.get_or_insert_function(
         builder.module, ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]), "llvm.prefetch.p0")
-    builder.call(hint, [builder.bitcast(pointer, i8p), i32(int(write)), i32(3), i32(1)])
+    builder.call(hint, [builder.bitcast(pointer, i8p), i32(0), i32(3), i32(1)])
 
 
-def _prefetcher(write):
-    """Intrinsic (array, row, col): hint the CPU to fetch the cache line of array[row, col] (2-D)
-    into cache (`llvm.prefetch`), to be written (`write`) or read."""
+@intrinsic
+def prefetch(typingctx, array, row, col):
+    """Hint the CPU to fetch the cache line of array[row, col] (2-D) into cache (`llvm.prefetch`)."""
 
     def codegen(context, builder, signature, args):
-        emit_prefetch(builder, item_pointer(context, builder, signature.args[0], args[0], args[1:3]), write)
+        emit_prefetch(builder, item_pointer(context, builder, signature.args[0], args[0], args[1:3]))
         return context.get_dummy_value()
 
-    def typer(typingctx, array, row, col):
-        return types.void(array, types.intp, types.intp), codegen
-
-    typer.__name__ = typer.__qualname__ = "prefetch_for_write" if write else "prefetch"
-    return intrinsic(typer)
-
-
-prefetch = _prefetcher(write=False)
-prefetch_for_write = _prefetcher(write=True)
+    return types.void(array, types.intp, types.intp), codegen
 
 
 @dataclass(frozen=True)

@@ -43,7 +43,6 @@ from deeplab_cli.lattice import (  # deeplab_cli.lattice configures numba before
     item_pointer,
     parallel_for,
     prefetch,
-    prefetch_for_write,
     start_beside,
     workspace,
 )
@@ -58,7 +57,6 @@ _LANES = 8  # rows are padded to a multiple of this many floats
 _WIDE = 3 * _LANES  # rows of 17-24 labels (VOC's 21), handled three vectors at a time
 _CHUNK = 256  # pixels per step of the pass: their rows (24 KB at 24 floats) stay in L1
 _AHEAD = 16  # points (entries) between the blur's (gather's) prefetch of a row and its use
-_AHEAD_SPLAT = 8  # pixels between the prefetch of a pixel's bilateral splat rows and the splat
 # Arrays of rows up to this many bytes are taken to stay in cache from one step to the next. Then
 # one thread gathers Q (see `_filter`) rather than splat it in the pass: the gather writes each
 # lattice row once instead of adding to it once per pixel (measured on one thread, 21 labels: 12%
@@ -833,7 +831,6 @@ def _pass(lo, hi, rows, rows_flat, neg_unary, out, final, pairwise, seq,
     g_acc = np.empty((1, width), np.float32)
     b_acc = np.empty((1, width), np.float32)
     tails = np.empty((_CHUNK, 4), np.float32)  # expf of the labels after the last 4-float packet
-    last = len(neg_unary) - 1
     rows24 = width == 3 * _LANES  # 17-24 labels, VOC's 21: whole rows in registers
     minus_max = pairwise and not seq and rows24  # the messages come less their maximum
     for start in range(lo, hi, _CHUNK):
@@ -907,7 +904,6 @@ def _pass(lo, hi, rows, rows_flat, neg_unary, out, final, pairwise, seq,
                 for col in range(wide, width, _LANES):
                     _scatter8(g_splat, g_offsets, g_weights, start + r, chunk, r, col)
             for r in range(count):
-                _prefetch_vertices_for_write(b_splat, b_offsets, min(start + r + _AHEAD_SPLAT, last))
                 for col in range(0, wide, _WIDE):
                     _scatter_wide(b_splat, b_offsets, b_weights, start + r, chunk, r, col)
                 for col in range(wide, width, _LANES):
@@ -982,14 +978,6 @@ def _prefetch_row(values, row):
     """Prefetch values[row] (W floats): its first and last cache line (a 96-byte row spans two)."""
     prefetch(values, row, 0)
     prefetch(values, row, values.shape[1] - 1)
-
-
-@njit(cache=True, nogil=True, inline="always")
-def _prefetch_vertices_for_write(values, offsets, i):
-    """Prefetch, to be written, the rows of values that pixel i's vertices splat onto."""
-    for j in range(offsets.shape[1]):
-        prefetch_for_write(values, offsets[i, j] + 1, 0)
-        prefetch_for_write(values, offsets[i, j] + 1, values.shape[1] - 1)
 
 
 @njit(cache=True, nogil=True)
