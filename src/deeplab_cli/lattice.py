@@ -5,7 +5,8 @@ x86-64): the same float32 elevation, rounding, rank sort and barycentric weights
 points numbered in the same order (first appearance while scanning pixels, vertex by vertex, with the
 pixel count padded to a multiple of four by all-zero features, whose points pydensecrf creates too),
 and the same blur neighbours. A key is pydensecrf's d 16-bit coordinates (wrapping as its `short`
-does) packed into two int64 words, so features have at most six dimensions.
+does) packed into two int64 words, so features have at most six dimensions. For the CRF's two
+feature counts (2 and 5) the simplices are found eight pixels at a time, one per vector lane.
 
 The result is plain numpy arrays (`Lattice`), so other implementations (ONNX, GPU) can consume them.
 Importing this module points numba's cache at the project's cache folder and turns on LLVM's SLP

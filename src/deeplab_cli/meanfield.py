@@ -12,7 +12,9 @@ Layout: label-minor rows padded to a multiple of 8 floats, handled as whole 8-fl
 small LLVM intrinsics (no FMA: a multiply, then an add, as SSE2 does; no alias checks or remainder
 loops per row). Rows of 24 floats (17-24 labels, VOC's 21) are handled three vectors at a time: one
 read of a vertex's offset and weight per slice, and the max, Eigen-order sum and division of the
-softmax in registers. An iteration is: splat, blur (one pass per lattice axis), then one fused pass
+softmax in registers. Long chains of dependent operations (pexp's polynomial) are emitted for several
+rows at once, interleaved: one row's chain alone fills the CPU's schedulers with operations that wait.
+Working buffers start on a cache line, so that no vector of a 96-byte row straddles two. An iteration is: splat, blur (one pass per lattice axis), then one fused pass
 over the pixels (both slices, norms, compatibility, unary, softmax). On one thread and a large image
 the pass also splats each pixel's Q as it goes, in pixel order as pydensecrf does; otherwise the pass
 writes Q and the splat is a gather over the lattice's pixel-ordered CSR, which sums in the same
