@@ -430,13 +430,13 @@ def _simplex_block(d):
         def codegen(context, builder, signature, args):
             k, features, scale, keys, weights = args
             features_t, scale_t, keys_t, weights_t = signature.args[1:]
-            f32, i64 = ir.FloatType(), ir.IntType(64)
-            floats, ints, flags = (ir.VectorType(t, _BLOCK) for t in (f32, i64, ir.IntType(1)))
+            f32 = ir.FloatType()
+            floats, ints = ir.VectorType(f32, _BLOCK), ir.VectorType(ir.IntType(64), _BLOCK)
             pixels = [builder.add(k, ir.Constant(k.type, lane)) for lane in range(_BLOCK)]
 
-            def splat(value, vector=floats):
-                first = builder.insert_element(ir.Constant(vector, ir.Undefined), value, ir.Constant(ir.IntType(32), 0))
-                return builder.shuffle_vector(first, ir.Constant(vector, ir.Undefined),
+            def splat(value):
+                first = builder.insert_element(ir.Constant(floats, ir.Undefined), value, ir.Constant(ir.IntType(32), 0))
+                return builder.shuffle_vector(first, ir.Constant(floats, ir.Undefined),
                                               ir.Constant(ir.VectorType(ir.IntType(32), _BLOCK), [0] * _BLOCK))
 
             def fconst(value):
@@ -536,9 +536,8 @@ def _simplex_block(d):
 
         return types.void(types.intp, features, scale, keys, weights), codegen
 
-    typer = simplex_block
-    typer.__name__ = typer.__qualname__ = f"simplex_block_{d}"
-    return intrinsic(typer)
+    simplex_block.__name__ = simplex_block.__qualname__ = f"simplex_block_{d}"
+    return intrinsic(simplex_block)
 
 
 _simplex_block2 = _simplex_block(2)  # the Gaussian kernel's (x, y)
