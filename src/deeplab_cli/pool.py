@@ -23,7 +23,8 @@ class Workers:
     `stop`, what happens to their work. Once a stop is asked for, tasks of a broken pool are dropped
     (left for a rerun), not retried: a scheduler that sends SIGTERM to every process (SLURM, systemd)
     ends the workers too. Leaving the block on an exception (`stop.Abandoned`, a closed generator)
-    kills them at once instead of waiting for their tasks."""
+    kills them at once instead of waiting for their tasks. Once the block is left, no worker of any of
+    its pools is alive: a temporary file a killed worker was writing is unlocked, for the caller to sweep."""
 
     def __init__(self, workers: int, function: Callable, lost: Callable,
                  initializer: Callable | None = None, initargs: tuple = ()):
@@ -33,6 +34,7 @@ class Workers:
         for variable in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
             os.environ.setdefault(variable, "1")
         self.pool = self._new_pool()
+        self.broken_workers: list = []  # processes of replaced pools, which their pool's own thread ends
 
     def _new_pool(self):
         import multiprocessing
@@ -49,6 +51,11 @@ class Workers:
             for process in list(self.pool._processes.values()):  # no public way to end a busy worker
                 process.kill()
         self.pool.shutdown(cancel_futures=exc[0] is not None)
+        # A broken pool ends its workers in a thread of its own: a worker killed by the same SIGTERM as
+        # its sibling may still hold its temporary's lock for a moment. Wait until none does.
+        for process in self.broken_workers:
+            process.kill()
+            process.join()
 
     def cancel_queued(self) -> None:
         """Drop the tasks no worker has taken yet (on a stop): they are left for a rerun."""
@@ -72,6 +79,7 @@ class Workers:
 
     def _replace(self, broken) -> None:
         if self.pool is broken:  # once per breakage, however many of its tasks report it
+            self.broken_workers += list(broken._processes.values())
             broken.shutdown(wait=False)
             self.pool = self._new_pool()
 
