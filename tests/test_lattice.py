@@ -126,8 +126,8 @@ def test_simplices_eight_at_a_time_equal_one_at_a_time(d, scale):
         keys = np.zeros((n_pad, d + 1, 3), np.int64)
         weights = np.zeros((n_pad, d + 1), np.float32)
         if lo:  # in pieces that do not start on a block
-            simplices(0, lo, features, scale_factors, keys, weights)
-        simplices(lo, n_pad, features, scale_factors, keys, weights)
+            simplices(0, lo, features, scale_factors, lattice._vertex_steps(d), keys, weights)
+        simplices(lo, n_pad, features, scale_factors, lattice._vertex_steps(d), keys, weights)
         results.append((keys, weights.view(np.int32)))
     for keys, weights in results[1:]:
         np.testing.assert_array_equal(keys, results[0][0])

@@ -172,7 +172,7 @@ def build_lattice(features: np.ndarray, threads: int = 1) -> Lattice:
     ws = workspace()
     keys = ws.take("lattice_keys", (n_pad, d + 1, 3), np.int64)
     weights = np.empty((n_pad, d + 1), np.float32)
-    parallel_for(_simplices_fast, n_pad, threads, features, _scale_factors(d), keys, weights)
+    parallel_for(_simplices_fast, n_pad, threads, features, _scale_factors(d), _vertex_steps(d), keys, weights)
     offsets = np.empty((n_pad, d + 1), np.int32)
     point_keys = ws.take("lattice_point_keys", (n_pad * (d + 1), 2), np.int64)
     table = ws.take("lattice_table", (_pow2(n_pad), 2), np.int64)  # grows if half full
@@ -315,13 +315,23 @@ def _add_lanes(a, b):
     return ((a & ~_LANE_TOPS) + (b & ~_LANE_TOPS)) ^ ((a ^ b) & _LANE_TOPS)
 
 
+def _vertex_steps(d: int) -> np.ndarray:
+    """(d+1, 2) int64: row i is the packed key step from one simplex vertex to the next when coordinate
+    i is the one that wraps (i = d: none of the key's d coordinates does), 16-bit lanes as in the keys."""
+    steps = np.zeros((d + 1, 2), np.uint64)
+    for i in range(d + 1):
+        for j in range(d):
+            steps[i, j // 4] |= np.uint64(((-d if j == i else 1) & 0xFFFF) << (16 * (j % 4)))
+    return steps.view(np.int64)
+
+
 @njit(cache=True, nogil=True)
-def _simplices(lo, hi, features, scale, keys, weights):
+def _simplices(lo, hi, features, scale, steps, keys, weights):
     """Enclosing simplex of (padded) pixels lo..hi-1: packed vertex keys and barycentric weights.
 
-    features: (N, d) float32 (pixels >= N are all-zero features); scale: (d,) float32.
-    keys: (n_pad, d+1, 3) int64 (two key words and their hash) and weights: (n_pad, d+1) float32 out,
-    vertex r = remainder r.
+    features: (N, d) float32 (pixels >= N are all-zero features); scale: (d,) float32; steps:
+    `_vertex_steps(d)`. keys: (n_pad, d+1, 3) int64 (two key words and their hash) and weights:
+    (n_pad, d+1) float32 out, vertex r = remainder r.
     Every float32 operation is pydensecrf's, in its order (no fused multiply-add).
     """
     n, d = features.shape
@@ -334,13 +344,6 @@ def _simplices(lo, hi, features, scale, keys, weights):
     rank = np.empty(d1, np.int64)
     ranked = np.empty(d1, np.int64)  # the coordinate of each rank
     bary = np.empty(d1 + 1, np.float32)
-    # steps[i]: the packed key step from one vertex to the next when coordinate i is the one that
-    # wraps (i = d: none of the key's coordinates does).
-    steps = np.zeros((d1, 2), np.int64)
-    for i in range(d1):
-        for j in range(d):
-            step = (1 - d1 if j == i else 1) & 0xFFFF
-            steps[i, j // 4] |= step << (16 * (j % 4))
     for k in range(lo, hi):
         # Elevate onto the plane x0 + ... + xd = 0 (y = E f).
         sm = np.float32(0)
@@ -421,10 +424,7 @@ def _simplex_block(d):
     no arithmetic. A slot's + and - (bary[p] += v, bary[p + 1] -= v) give a - b in either order."""
     d1 = d + 1
     down, up = np.float32(1) / np.float32(d1), np.float32(d1)
-    steps = [[0, 0] for _ in range(d1)]  # as in `_simplices`
-    for i in range(d1):
-        for j in range(d):
-            steps[i][j // 4] |= ((1 - d1 if j == i else 1) & 0xFFFF) << (16 * (j % 4))
+    steps = _vertex_steps(d)
 
     def simplex_block(typingctx, k, features, scale, keys, weights):
         def codegen(context, builder, signature, args):
@@ -522,7 +522,7 @@ def _simplex_block(d):
                 words[i // 4] = builder.or_(words[i // 4], builder.shl(c, iconst(16 * (i % 4))))
             for r in range(d1):
                 if r > 0:
-                    words = [add_lanes(word, ranked(lambda i: iconst(steps[i][w]), d - r + 1, iconst(0)))
+                    words = [add_lanes(word, ranked(lambda i: iconst(steps[i, w]), d - r + 1, iconst(0)))
                              for w, word in enumerate(words)]
                 lo, hi = words
                 h = builder.xor(lo, builder.mul(hi, iconst(_HASH_B)))
@@ -545,7 +545,7 @@ _simplex_block5 = _simplex_block(5)  # the bilateral kernel's (x, y, r, g, b)
 
 
 @njit(cache=True, nogil=True)
-def _simplices_fast(lo, hi, features, scale, keys, weights):
+def _simplices_fast(lo, hi, features, scale, steps, keys, weights):
     """`_simplices` of pixels lo..hi-1, eight pixels at a time where d is 2 or 5, as the CRF's kernels
     have (at 500x375: 14.4 -> 2.9 ms for 5, 10.6 -> 1.0 ms for 2, measured)."""
     n, d = features.shape
@@ -557,7 +557,7 @@ def _simplices_fast(lo, hi, features, scale, keys, weights):
             else:
                 _simplex_block5(k, features, scale, keys, weights)
             k += _BLOCK
-    _simplices(k, hi, features, scale, keys, weights)
+    _simplices(k, hi, features, scale, steps, keys, weights)
 
 
 @njit(cache=True, nogil=True, inline="always")
