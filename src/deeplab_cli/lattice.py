@@ -64,6 +64,14 @@ def item_pointer(context, builder, array_type, array, indices):
                                      wraparound=False)
 
 
+def broadcast(builder, value, lanes):
+    """LLVM IR: a vector of `lanes` copies of the scalar `value` (of any type)."""
+    vector = ir.VectorType(value.type, lanes)
+    first = builder.insert_element(ir.Constant(vector, ir.Undefined), value, ir.Constant(ir.IntType(32), 0))
+    return builder.shuffle_vector(first, ir.Constant(vector, ir.Undefined),
+                                  ir.Constant(ir.VectorType(ir.IntType(32), lanes), [0] * lanes))
+
+
 def emit_prefetch(builder, pointer):
     """LLVM IR: hint the CPU to fetch the cache line at `pointer`, to be read."""
     i8p, i32 = ir.IntType(8).as_pointer(), ir.IntType(32)
@@ -434,13 +442,8 @@ def _simplex_block(d):
             floats, ints = ir.VectorType(f32, _BLOCK), ir.VectorType(ir.IntType(64), _BLOCK)
             pixels = [builder.add(k, ir.Constant(k.type, lane)) for lane in range(_BLOCK)]
 
-            def splat(value):
-                first = builder.insert_element(ir.Constant(floats, ir.Undefined), value, ir.Constant(ir.IntType(32), 0))
-                return builder.shuffle_vector(first, ir.Constant(floats, ir.Undefined),
-                                              ir.Constant(ir.VectorType(ir.IntType(32), _BLOCK), [0] * _BLOCK))
-
             def fconst(value):
-                return splat(ir.Constant(f32, float(value)))
+                return broadcast(builder, ir.Constant(f32, float(value)), _BLOCK)
 
             def iconst(value):  # int64 lanes of `value`, wrapped as two's complement
                 return ir.Constant(ints, [int(value) & (1 << 64) - 1] * _BLOCK)
@@ -463,7 +466,7 @@ def _simplex_block(d):
             sm = fconst(0)
             for j in range(d, 0, -1):
                 s = builder.load(item_pointer(context, builder, scale_t, scale, [ir.Constant(k.type, j - 1)]))
-                cf = builder.fmul(gather(features_t, features, ir.Constant(k.type, j - 1)), splat(s))
+                cf = builder.fmul(gather(features_t, features, ir.Constant(k.type, j - 1)), broadcast(builder, s, _BLOCK))
                 elevated[j] = builder.fsub(sm, builder.fmul(fconst(j), cf))
                 sm = builder.fadd(sm, cf)
             elevated[0] = sm

@@ -14,11 +14,13 @@ loops per row). Rows of 24 floats (17-24 labels, VOC's 21) are handled three vec
 read of a vertex's offset and weight per slice, and the max, Eigen-order sum and division of the
 softmax in registers. Long chains of dependent operations (pexp's polynomial) are emitted for several
 rows at once, interleaved: one row's chain alone fills the CPU's schedulers with operations that wait.
-Working buffers start on a cache line, so that no vector of a 96-byte row straddles two. An iteration is: splat, blur (one pass per lattice axis), then one fused pass
-over the pixels (both slices, norms, compatibility, unary, softmax). On one thread and a large image
-the pass also splats each pixel's Q as it goes, in pixel order as pydensecrf does; otherwise the pass
-writes Q and the splat is a gather over the lattice's pixel-ordered CSR, which sums in the same
-order, so the result never depends on the thread count. Threads are Python threads running numba
+Working buffers start on a cache line, so that no vector of a 96-byte row straddles two.
+
+An iteration is: splat, blur (one pass per lattice axis), then one fused pass over the pixels (both
+slices, norms, compatibility, unary, softmax). On one thread and a large image the pass also splats
+each pixel's Q as it goes, in pixel order as pydensecrf does; otherwise the pass writes Q and the
+splat is a gather over the lattice's pixel-ordered CSR, which sums in the same order, so the result
+never depends on the thread count. Threads are Python threads running numba
 `nogil` kernels on slices of the pixels or lattice points (`lattice.parallel_for`); each gather or
 blur step covers both kernels' lattices at once. Working buffers live in a per-thread workspace
 reused across iterations and images.
@@ -39,6 +41,7 @@ from deeplab_cli.lattice import (  # deeplab_cli.lattice configures numba before
     Lattice,
     Workspace,
     bilateral_features,
+    broadcast,
     build_lattice,
     emit_prefetch,
     gaussian_features,
@@ -407,14 +410,6 @@ def _block_pointer(context, builder, array_type, array, row, col, lanes):
     return builder.bitcast(pointer, _vector(lanes).as_pointer())
 
 
-def _broadcast(builder, value, lanes):
-    """A vector of `lanes` floats, each `value`."""
-    vector = _vector(lanes)
-    first = builder.insert_element(ir.Constant(vector, ir.Undefined), value, ir.Constant(ir.IntType(32), 0))
-    return builder.shuffle_vector(first, ir.Constant(vector, ir.Undefined),
-                                  ir.Constant(ir.VectorType(ir.IntType(32), lanes), [0] * lanes))
-
-
 def _scatter_block(lanes, blocks):
     """Intrinsic: values[offsets[i, j] + 1, col:col+n] += weights[i, j] * rows[r, col:col+n] for each
     of pixel i's vertices j in order (pydensecrf's splat; n = blocks * lanes), a float32 multiply then
@@ -432,7 +427,7 @@ def _scatter_block(lanes, blocks):
             with cgutils.for_range(builder, cgutils.unpack_tuple(
                     builder, context.make_array(offsets_t)(context, builder, offsets).shape)[1]) as loop:
                 o = builder.load(item_pointer(context, builder, offsets_t, offsets, [i, loop.index]))
-                weight = _broadcast(builder, builder.load(item_pointer(context, builder, weights_t, weights,
+                weight = broadcast(builder, builder.load(item_pointer(context, builder, weights_t, weights,
                                                                        [i, loop.index])), lanes)
                 row = builder.add(builder.sext(o, i.type), ir.Constant(i.type, 1))
                 for at, value in zip(columns, source):
@@ -458,7 +453,7 @@ def _emit_slice(context, builder, values_t, values, offsets_t, offsets, weights_
         o = builder.load(item_pointer(context, builder, offsets_t, offsets, [i, loop.index]))
         w = builder.load(item_pointer(context, builder, weights_t, weights, [i, loop.index]))
         row = builder.add(builder.sext(o, i.type), ir.Constant(i.type, 1))
-        weight = _broadcast(builder, builder.fmul(w, alpha), lanes)
+        weight = broadcast(builder, builder.fmul(w, alpha), lanes)
         for at, total in zip(columns, totals):
             v = builder.load(_block_pointer(context, builder, values_t, values, row, at, lanes), align=4)
             builder.store(builder.fadd(builder.load(total), builder.fmul(weight, v)), total)
@@ -469,7 +464,7 @@ def _emit_messages(context, builder, unary_t, neg_unary, i, col, lanes, g, g_com
     """LLVM IR: the vectors (neg_unary[i, c] - g_compat * (g[c] * g_norm)) - b_compat * (b[c] * b_norm)
     for the columns of the vectors g and b (each kernel's slice, `lanes` floats a vector, from col on):
     DenseCRF's messages, subtracted in its order."""
-    g_compat, g_norm, b_compat, b_norm = (_broadcast(builder, x, lanes) for x in (g_compat, g_norm, b_compat, b_norm))
+    g_compat, g_norm, b_compat, b_norm = (broadcast(builder, x, lanes) for x in (g_compat, g_norm, b_compat, b_norm))
     values = []
     for k, (g_k, b_k) in enumerate(zip(g, b)):
         at = builder.add(col, ir.Constant(col.type, k * lanes))
@@ -541,11 +536,8 @@ def _emit_minus_max24(builder, row, n_labels):
     17 <= n_labels <= 24 (the maximum is exact in any order; the padding lanes are rewritten later)."""
     v0, v1, v2 = row
     lane_labels = ir.Constant(ir.VectorType(ir.IntType(64), _LANES), list(range(2 * _LANES, 3 * _LANES)))
-    limit = builder.insert_element(ir.Constant(lane_labels.type, ir.Undefined), n_labels,
-                                   ir.Constant(ir.IntType(32), 0))
-    limit = builder.shuffle_vector(limit, ir.Constant(lane_labels.type, ir.Undefined),
-                                   ir.Constant(ir.VectorType(ir.IntType(32), _LANES), [0] * _LANES))
-    lowest = _broadcast(builder, ir.Constant(ir.FloatType(), -math.inf), _LANES)
+    limit = broadcast(builder, n_labels, _LANES)
+    lowest = broadcast(builder, ir.Constant(ir.FloatType(), -math.inf), _LANES)
     v2_labels = builder.select(builder.icmp_signed("<", lane_labels, limit), v2, lowest)
 
     def vmax(a, b):
@@ -555,7 +547,7 @@ def _emit_minus_max24(builder, row, n_labels):
     m = vmax(_half(builder, m, 0), _half(builder, m, 1))
     m = vmax(_half(builder, m, 0), _half(builder, m, 1))
     m = vmax(_lane(builder, m, 0), _lane(builder, m, 1))
-    m = _broadcast(builder, m, _LANES)
+    m = broadcast(builder, m, _LANES)
     return [builder.fsub(v, m) for v in row]
 
 
@@ -582,7 +574,7 @@ def _emit_pexp(builder, xs):
     i32s = ir.VectorType(ir.IntType(32), lanes)
 
     def constant(value):
-        return _broadcast(builder, ir.Constant(ir.FloatType(), float(value)), lanes)
+        return broadcast(builder, ir.Constant(ir.FloatType(), float(value)), lanes)
 
     def each(step, *operands):
         return [step(*vectors) for vectors in zip(*operands)]
@@ -626,10 +618,8 @@ def _softmax_rows24(count):
             pointers = [p for row in at for p in _row24(context, builder, signature.args[0], rows, row)]
             exps = _emit_pexp(builder, [builder.load(p, align=4) for p in pointers])
             i64s = ir.VectorType(ir.IntType(64), _LANES)
-            limit = builder.insert_element(ir.Constant(i64s, ir.Undefined), n_labels, ir.Constant(ir.IntType(32), 0))
-            limit = builder.shuffle_vector(limit, ir.Constant(i64s, ir.Undefined),
-                                           ir.Constant(ir.VectorType(ir.IntType(32), _LANES), [0] * _LANES))
-            tail_lanes = builder.icmp_signed("<", ir.Constant(i64s, list(range(16, 24))), limit)
+            tail_lanes = builder.icmp_signed("<", ir.Constant(i64s, list(range(16, 24))),
+                                             broadcast(builder, n_labels, _LANES))
             zero = ir.Constant(_vector(_LANES), [0.0] * _LANES)
             for k, row in enumerate(at):
                 v0, v1, v2 = exps[3 * k:3 * k + 3]
@@ -648,7 +638,7 @@ def _softmax_rows24(count):
                 for j in range(4, 7):  # labels 20-22, where present (label 23 would make 24: another order)
                     present = builder.icmp_signed(">", n_labels, ir.Constant(n_labels.type, 16 + j))
                     total = builder.select(present, builder.fadd(total, _lane(builder, v2, j)), total)
-                total = _broadcast(builder, total, _LANES)
+                total = broadcast(builder, total, _LANES)
                 for pointer, v in zip(pointers[3 * k:3 * k + 3], (v0, v1, v2)):
                     builder.store(builder.fdiv(v, total), pointer, align=4)
             return context.get_dummy_value()
@@ -695,7 +685,7 @@ def _blur_block(lanes, blocks):
         def codegen(context, builder, signature, args):
             blurred_t, values_t = signature.args[:2]
             blurred, values, p, n1, n2, col = args
-            half = _broadcast(builder, ir.Constant(ir.FloatType(), 0.5), lanes)
+            half = broadcast(builder, ir.Constant(ir.FloatType(), 0.5), lanes)
             for b in range(blocks):
                 at = builder.add(col, ir.Constant(col.type, b * lanes))
                 own, left, right = (builder.load(_block_pointer(context, builder, values_t, values, row, at, lanes),
@@ -771,7 +761,7 @@ def _gather_block(lanes, blocks):
                     for column in (ir.Constant(intp, 0), last_column):  # a 96-byte row spans two cache lines
                         emit_prefetch(builder, item_pointer(context, builder, q_t, q, [ahead_pixel, column]))
                 pixel = builder.sext(load(pixel_t, csr_pixel, e), intp)
-                w = _broadcast(builder, load(weight_t, csr_weight, e), lanes)
+                w = broadcast(builder, load(weight_t, csr_weight, e), lanes)
                 for total, pointer in zip(totals, blocks_of(q_t, q, pixel)):
                     product = builder.fmul(w, builder.load(pointer, align=4))
                     builder.store(builder.fadd(builder.load(total), product), total)
