@@ -465,8 +465,9 @@ def _simplex_block(d):
             elevated = [None] * d1
             sm = fconst(0)
             for j in range(d, 0, -1):
-                s = builder.load(item_pointer(context, builder, scale_t, scale, [ir.Constant(k.type, j - 1)]))
-                cf = builder.fmul(gather(features_t, features, ir.Constant(k.type, j - 1)), broadcast(builder, s, _BLOCK))
+                column = ir.Constant(k.type, j - 1)
+                s = broadcast(builder, builder.load(item_pointer(context, builder, scale_t, scale, [column])), _BLOCK)
+                cf = builder.fmul(gather(features_t, features, column), s)
                 elevated[j] = builder.fsub(sm, builder.fmul(fconst(j), cf))
                 sm = builder.fadd(sm, cf)
             elevated[0] = sm
