@@ -444,17 +444,17 @@ def tune_rows(paths: list[Path], model: Path, work: Path, count: int, size: tupl
     """`deeplab crf tune` over its default grid on `count` images of `size` (H, W), before (pydensecrf: one
     CRF per setting, lattices built 288 times) and after (the numba engine: 48 lattices, shared by the
     weights). Returns the two rows and whether both printed the same table (bit-identical CRFs)."""
-    images = work / "tune-images"
-    images.mkdir()
+    work = work / f"tune-{size[1]}x{size[0]}"
+    images = work / "images"
+    images.mkdir(parents=True)
     for path in paths[:count]:
         small = cv2.resize(cv2.imread(str(path)), size[::-1], interpolation=cv2.INTER_AREA)
         cv2.imwrite(str(images / f"{path.stem}.png"), small)
     # Logits from the network; the masks of the same run serve as ground truth (any label map times the same).
-    run_segment([images], count, work / "tune-logits", model, ["-f", "logits", "-f", "index", "--no-crf"])
+    run_segment([images], count, work / "logits", model, ["-f", "logits", "-f", "index", "--no-crf"])
     rows, tables = [], []
     for backend in ("pydensecrf", "numba"):
-        seconds, table = crf_tune(images, work / "tune-logits", work / "tune-logits", work / f"tune-{backend}.json",
-                                  backend)
+        seconds, table = crf_tune(images, work / "logits", work / "logits", work / f"{backend}.json", backend)
         rows.append(Run(f"deeplab crf tune --crf-backend {backend}", count, seconds,
                         note=f"288 settings x {count} images of {size[1]}x{size[0]}, all cores"))
         tables.append(table)
@@ -640,6 +640,7 @@ class Measurements:
     crf: list[list[str]] = field(default_factory=list)  # the CRF alone per backend (benchmarks/crf.py)
     crf_checks: list[list[str]] = field(default_factory=list)
     gpu_crf: list[str] = field(default_factory=list)  # the onnx graph on the GPU (benchmarks/crf.py graph_rows)
+    tune_sizes: list[str] = field(default_factory=list)  # "WxH" of the crf tune rows, the target's first
 
 
 LABEL_CHECKS = {  # pipeline -> the check comparing its labels with the serial baseline's
@@ -653,7 +654,7 @@ LABEL_CHECKS = {  # pipeline -> the check comparing its labels with the serial b
 
 
 def measure(paths: list[Path], weights, work: Path, threads: int, gpu_batch: int, rounds: int,
-            cpu_rows: bool = True, tune: tuple[int, tuple[int, int]] | None = None) -> Measurements:
+            cpu_rows: bool = True, tune: tuple[int, list[tuple[int, int]]] | None = None) -> Measurements:
     import onnxruntime as ort
 
     notes = []
@@ -684,10 +685,13 @@ def measure(paths: list[Path], weights, work: Path, threads: int, gpu_batch: int
     if cpu_rows:
         progress("the CRF alone per backend, on 500x375 photos")
         crf_rows, crf_checks = crf_alone_per_backend(rounds)
-    if cpu_rows and tune:
-        progress(f"crf tune on the default grid, {tune[0]} images, with pydensecrf then numba")
-        runs["tune before"], runs["tune after"], same = measured(tune_rows, paths, models["cpu"], work, *tune)
-        checks["crf tune: the same table with either backend"] = float(same)
+    tune_sizes = []
+    for key, size in zip(("tune", "tune small"), tune[1] if cpu_rows and tune else ()):
+        tune_sizes.append(f"{size[1]}x{size[0]}")
+        progress(f"crf tune on the default grid, {tune[0]} images of {tune_sizes[-1]}, with pydensecrf then numba")
+        runs[f"{key} before"], runs[f"{key} after"], same = measured(tune_rows, paths, models["cpu"], work, tune[0],
+                                                                     size)
+        checks[f"crf tune, {tune_sizes[-1]}: the same table with either backend"] = float(same)
     gpu_crf = []
     if "cuda" in models:
         import crf as crf_bench  # benchmarks/crf.py, beside this script
@@ -704,14 +708,14 @@ def measure(paths: list[Path], weights, work: Path, threads: int, gpu_batch: int
     if "torch" in labels:
         notes.append(f"labels: PyTorch == serial on {100 * agreement(labels['torch'], labels['serial']):.3f}% of "
                      "pixels (other convolution kernels, so not bit-identical)")
-    return Measurements(runs, checks, notes, crf_rows, crf_checks, gpu_crf)
+    return Measurements(runs, checks, notes, crf_rows, crf_checks, gpu_crf, tune_sizes)
 
 
 def tables(m: Measurements) -> tuple[list[str], list[list[str]], list[str], list[list[str]], list[str]]:
     """(header, rows, check header, checks, notes) of the report. A check whose rows were not measured
     (no GPU, or --gpu-only) reads SKIP."""
     order = ("segment", "segment raw", "segment pydensecrf", "segment pydensecrf raw", "no-crf", "no-crf raw",
-             "serial", "torch", "network", "tune before", "tune after",
+             "serial", "torch", "network", "tune before", "tune after", "tune small before", "tune small after",
              "gpu fp32", "gpu fp16", "crf cores", "gpu segment", "gpu segment raw", "gpu segment numba",
              "gpu segment numba raw", "gpu no-crf", "gpu no-crf raw",
              "blas", "mlas")
@@ -730,10 +734,10 @@ def tables(m: Measurements) -> tuple[list[str], list[list[str]], list[str], list
     checks = [
         check_row("segment / serial baseline (steady state)", ratio("segment", "serial"), TARGETS["serial"], True),
         check_row("segment / PyTorch eager (steady state)", ratio("segment", "torch"), TARGETS["pytorch"], True),
-        check_row("crf tune, default grid: numba / pydensecrf", ratio("tune after", "tune before"),
-                  TARGETS["tune"], True),
-        check_row("crf tune: the same table with either backend",
-                  m.labels.get("crf tune: the same table with either backend"), 1.0, True, percent=True),
+        check_row(f"crf tune, default grid, {(m.tune_sizes or ['-'])[0]}: numba / pydensecrf",
+                  ratio("tune after", "tune before"), TARGETS["tune"], True),
+        *(check_row(name, value, 1.0, True, percent=True) for name, value in m.labels.items()
+          if name.startswith("crf tune")),
         check_row("network GFLOP/s / numpy matmul GFLOP/s", ratio("network", "blas", gflops=True),
                   TARGETS["matmul"], True),
         check_row("time outside network + CRF (serial baseline)", outside, TARGETS["outside"], False, percent=True),
@@ -751,6 +755,10 @@ def tables(m: Measurements) -> tuple[list[str], list[list[str]], list[str], list
     notes = [stage_line(runs["serial"]), *([stage_line(runs["torch"])] if "torch" in runs else [])]
     if "segment" in runs:
         notes.insert(0, f"segment / serial, raw (start-up included): {ratio('segment raw', 'serial'):.2f}")
+    if "tune small after" in runs:
+        notes.append(f"crf tune, default grid, {m.tune_sizes[1]}: numba / pydensecrf "
+                     f"{ratio('tune small after', 'tune small before'):.2f} (no target: each worker's start-up, about "
+                     "1 s with numba against 0.2 s, weighs on a run this short)")
     for key in ("segment", "gpu segment", "gpu segment numba"):
         if key in runs:
             images = runs[f"{key} raw"].images
@@ -780,6 +788,11 @@ def size_argument(text: str) -> tuple[int, int]:
     return height, width
 
 
+def sizes_argument(text: str) -> list[tuple[int, int]]:
+    """'WxH,WxH,...' -> [(H, W), ...]."""
+    return [size_argument(part) for part in text.split(",")]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--images", type=int, default=8, help="number of images (>= 2) [8]")
@@ -793,8 +806,9 @@ def main() -> None:
                         help="only the GPU rows, and the serial baseline their labels are checked against")
     parser.add_argument("--tune-images", type=int, default=2,
                         help="images for the `crf tune` rows, default grid (288 settings) each; 0 leaves them out [2]")
-    parser.add_argument("--tune-size", type=size_argument, default=(120, 160), metavar="WxH",
-                        help="their size: pydensecrf takes the grid 288 times per image [160x120]")
+    parser.add_argument("--tune-sizes", type=sizes_argument, default=[VOC_SIZE, (120, 160)], metavar="WxH,...",
+                        help="their sizes: the first is checked against the target, the others only reported; "
+                             "pydensecrf takes the grid 288 times per image, 5 minutes at 500x375 [500x375,160x120]")
     parser.add_argument("--markdown", type=Path, help="also write the report as markdown to this file")
     args = parser.parse_args()
     if args.images < 2:
@@ -823,7 +837,7 @@ def main() -> None:
         print(images, flush=True)
         m = measure(paths, random_weights(args.seed), work, threads, args.gpu_batch, args.rounds,
                     cpu_rows=not args.gpu_only,
-                    tune=(min(args.tune_images, args.images), args.tune_size) if args.tune_images else None)
+                    tune=(min(args.tune_images, args.images), args.tune_sizes) if args.tune_images else None)
 
     header, rows, check_header, checks, notes = tables(m)
     checks += m.crf_checks

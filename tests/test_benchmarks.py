@@ -19,7 +19,7 @@ import run as bench  # noqa: E402
 
 # The baselines are pydensecrf's, as the targets are stated against it.
 needs_pydensecrf = pytest.mark.skipif(importlib.util.find_spec("pydensecrf") is None, reason="pydensecrf is not installed")
-SMALL = ["--images", "3", "--rounds", "1", "--size", "80x64", "--tune-images", "1", "--tune-size", "64x48"]
+SMALL = ["--images", "3", "--rounds", "1", "--size", "80x64", "--tune-images", "1", "--tune-sizes", "64x48,56x48"]
 
 
 def run_script(*args, cwd):
@@ -44,7 +44,11 @@ def test_the_report_holds_every_row_and_check(tmp_path):
     for row in ("| deeplab segment --crf-backend pydensecrf |", "| deeplab crf tune --crf-backend pydensecrf |",
                 "| deeplab crf tune --crf-backend numba |"):
         assert row in report, row
-    assert "| crf tune: the same table with either backend | 100.00% | >= 100% | PASS |" in report
+    # crf tune at each size; the first against the target, the second reported.
+    for size in ("64x48", "56x48"):
+        assert f"| crf tune, {size}: the same table with either backend | 100.00% | >= 100% | PASS |" in report
+    assert "| crf tune, default grid, 64x48: numba / pydensecrf |" in report
+    assert "crf tune, default grid, 56x48: numba / pydensecrf" in report
     # The CRF alone per backend, bit-identical to pydensecrf.
     for row in ("| pydensecrf2 1.1 (1 thread) |", "| numba, 1 thread |", "| numba, 2 threads |"):
         assert row in report, row
@@ -109,6 +113,7 @@ def test_copies_keep_the_originals_names_and_link_the_rest(tmp_path):
 
 def test_sizes_are_width_by_height(tmp_path):
     assert bench.size_argument("500x375") == (375, 500)
+    assert bench.sizes_argument("500x375,160x120") == [(375, 500), (120, 160)]
     paths = bench.make_images(tmp_path / "images", 6, seed=0, size=(48, 64))
     shapes = [cv2.imread(str(p)).shape[:2] for p in paths]
     assert shapes == [(48, 64)] * 5 + [(64, 48)]
