@@ -1,7 +1,7 @@
 """Throughput of `deeplab segment` side by side with a serial baseline, a PyTorch eager port, and the
 machine's own matrix-multiply rate (issue 5). Random weights of the real shapes, VOC-sized images.
 
-    PYTHONPATH=src python benchmarks/run.py --markdown BENCHMARKS.md     # 8 images, 3 rounds: ~7 min on 2 cores
+    PYTHONPATH=src python benchmarks/run.py --markdown BENCHMARKS.md     # 8 images, 3 rounds: 12-17 min on 2 cores
 
 Rows, all over the same N images, warm-up excluded (with --rounds R: each row R times, the fastest kept):
 - `deeplab segment` as a subprocess (CRF on, and --no-crf). Start-up and model load are measured by a
@@ -9,6 +9,8 @@ Rows, all over the same N images, warm-up excluded (with --rounds R: each row R 
 - the serial baseline: one process, one onnxruntime session, upsampling, softmax, pydensecrf, argmax, PNG.
 - a PyTorch eager pipeline of the same network and the same CRF (torch is a benchmark-only dependency).
 - the network alone, as GFLOP/s from the analytic FLOP count, against numpy's float32 matmul rate.
+- `deeplab crf tune` over its default grid with pydensecrf, then numba, on 2 images at 500x375 (the
+  target's) and at 160x120 (reported only), once each: pydensecrf takes 2-5 minutes of it.
 - on a machine where onnxruntime has CUDA: the network in float32 and float16; the CRF alone on every core,
   the ceiling of a GPU machine; and `segment --device cuda` (CRF on, and --no-crf) over enough images to
   keep every CRF worker busy. `--gpu-only` leaves out the CPU rows but the serial baseline (the labels'
