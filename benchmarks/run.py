@@ -759,8 +759,8 @@ def tables(m: Measurements) -> tuple[list[str], list[list[str]], list[str], list
         notes.insert(0, f"segment / serial, raw (start-up included): {ratio('segment raw', 'serial'):.2f}")
     if "tune small after" in runs:
         notes.append(f"crf tune, default grid, {m.tune_sizes[1]}: numba / pydensecrf "
-                     f"{ratio('tune small after', 'tune small before'):.2f} (no target: each worker's start-up, about "
-                     "1 s with numba against 0.2 s, weighs on a run this short)")
+                     f"{ratio('tune small after', 'tune small before'):.2f} (no target: the start-up of numba in "
+                     "each worker weighs on a run this short)")
     for key in ("segment", "gpu segment", "gpu segment numba"):
         if key in runs:
             images = runs[f"{key} raw"].images
@@ -809,7 +809,7 @@ def main() -> None:
     parser.add_argument("--tune-images", type=int, default=2,
                         help="images for the `crf tune` rows, default grid (288 settings) each; 0 leaves them out [2]")
     parser.add_argument("--tune-sizes", type=sizes_argument, default=[VOC_SIZE, (120, 160)], metavar="WxH,...",
-                        help="their sizes: the first is checked against the target, the others only reported; "
+                        help="their size, checked against the target, then optionally one more, only reported; "
                              "pydensecrf takes the grid 288 times per image, 5 minutes at 500x375 [500x375,160x120]")
     parser.add_argument("--markdown", type=Path, help="also write the report as markdown to this file")
     args = parser.parse_args()
@@ -817,6 +817,8 @@ def main() -> None:
         parser.error("--images must be at least 2 (steady state needs t_N - t_1)")
     if args.rounds < 1:
         parser.error("--rounds must be at least 1")
+    if len(args.tune_sizes) > 2:
+        parser.error("--tune-sizes takes one or two sizes")
     if args.gpu_only:
         import onnxruntime as ort
 

@@ -69,6 +69,12 @@ def test_the_report_holds_every_row_and_check(tmp_path):
         assert line.endswith("| SKIP |") != CUDA_OFFERED, line
 
 
+def test_a_third_tune_size_is_a_usage_error(tmp_path):
+    done = run_script("--tune-sizes", "500x375,160x120,80x60", cwd=tmp_path)
+    assert done.returncode == 2
+    assert "--tune-sizes takes one or two sizes" in done.stderr.splitlines()[-1]
+
+
 @pytest.mark.skipif(CUDA_OFFERED, reason="CUDA is here")
 def test_gpu_only_without_cuda_is_a_usage_error(tmp_path):
     done = run_script("--gpu-only", cwd=tmp_path)
