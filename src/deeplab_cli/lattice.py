@@ -64,6 +64,12 @@ def item_pointer(context, builder, array_type, array, indices):
                                      wraparound=False)
 
 
+def named_intrinsic(typer, name):
+    """intrinsic(typer) under its own name (factories make several intrinsics of one typer)."""
+    typer.__name__ = typer.__qualname__ = name
+    return intrinsic(typer)
+
+
 def broadcast(builder, value, lanes):
     """LLVM IR: a vector of `lanes` copies of the scalar `value` (of any type)."""
     vector = ir.VectorType(value.type, lanes)
@@ -540,8 +546,7 @@ def _simplex_block(d):
 
         return types.void(types.intp, features, scale, keys, weights), codegen
 
-    simplex_block.__name__ = simplex_block.__qualname__ = f"simplex_block_{d}"
-    return intrinsic(simplex_block)
+    return named_intrinsic(simplex_block, f"simplex_block_{d}")
 
 
 _simplex_block2 = _simplex_block(2)  # the Gaussian kernel's (x, y)

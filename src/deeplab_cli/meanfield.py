@@ -46,6 +46,7 @@ from deeplab_cli.lattice import (  # deeplab_cli.lattice configures numba before
     emit_prefetch,
     gaussian_features,
     item_pointer,
+    named_intrinsic,
     parallel_for,
     prefetch,
     start_beside,
@@ -390,12 +391,6 @@ def _float_from_bits(typingctx, bits):
     return types.float32(types.int32), codegen
 
 
-def _named_intrinsic(typer, name):
-    """intrinsic(typer) under its own name (the factories below make several of each)."""
-    typer.__name__ = typer.__qualname__ = name
-    return intrinsic(typer)
-
-
 def _vector(lanes):
     """LLVM's <lanes x float>."""
     return ir.VectorType(ir.FloatType(), lanes)
@@ -438,7 +433,7 @@ def _scatter_block(lanes, blocks):
 
         return types.void(values, offsets, weights, types.intp, rows, types.intp, types.intp), codegen
 
-    return _named_intrinsic(scatter_block, f"scatter_block_{blocks}x{lanes}")
+    return named_intrinsic(scatter_block, f"scatter_block_{blocks}x{lanes}")
 
 
 def _emit_slice(context, builder, values_t, values, offsets_t, offsets, weights_t, weights, i, col, alpha, lanes,
@@ -510,7 +505,7 @@ def _message_block(lanes, blocks, minus_max=False):
         return types.void(rows, types.intp, neg_unary, types.intp, types.intp, g_values, g_offsets, g_weights,
                           *kernel, b_values, b_offsets, b_weights, *kernel, types.intp), codegen
 
-    return _named_intrinsic(message_block, f"message_block_{blocks}x{lanes}{'_minus_max' * minus_max}")
+    return named_intrinsic(message_block, f"message_block_{blocks}x{lanes}{'_minus_max' * minus_max}")
 
 
 def _half(builder, vector, high):
@@ -531,17 +526,26 @@ def _row24(context, builder, rows_type, rows, r):
             for col in (0, _LANES, 2 * _LANES)]
 
 
+def _emit_max(builder, a, b):
+    """LLVM IR: a where a > b, else b (SSE's maxps: b where either is NaN)."""
+    return builder.select(builder.fcmp_ordered(">", a, b), a, b)
+
+
+def _emit_label_lanes24(builder, n_labels):
+    """LLVM IR: which lanes of a 24-float row's third 8-float vector (labels 16-23) are labels."""
+    lane_labels = ir.Constant(ir.VectorType(ir.IntType(64), _LANES), list(range(2 * _LANES, 3 * _LANES)))
+    return builder.icmp_signed("<", lane_labels, broadcast(builder, n_labels, _LANES))
+
+
 def _emit_minus_max24(builder, row, n_labels):
     """LLVM IR: the three 8-float vectors `row` less their maximum over the first n_labels lanes,
     17 <= n_labels <= 24 (the maximum is exact in any order; the padding lanes are rewritten later)."""
     v0, v1, v2 = row
-    lane_labels = ir.Constant(ir.VectorType(ir.IntType(64), _LANES), list(range(2 * _LANES, 3 * _LANES)))
-    limit = broadcast(builder, n_labels, _LANES)
     lowest = broadcast(builder, ir.Constant(ir.FloatType(), -math.inf), _LANES)
-    v2_labels = builder.select(builder.icmp_signed("<", lane_labels, limit), v2, lowest)
+    v2_labels = builder.select(_emit_label_lanes24(builder, n_labels), v2, lowest)
 
     def vmax(a, b):
-        return builder.select(builder.fcmp_ordered(">", a, b), a, b)
+        return _emit_max(builder, a, b)
 
     m = vmax(vmax(v0, v1), v2_labels)
     m = vmax(_half(builder, m, 0), _half(builder, m, 1))
@@ -583,7 +587,7 @@ def _emit_pexp(builder, xs):
         return builder.select(builder.fcmp_ordered("<", a, b), a, b)
 
     def above(a, b):
-        return builder.select(builder.fcmp_ordered(">", a, b), a, b)
+        return _emit_max(builder, a, b)
 
     hi, lo, one, zero = constant(_EXP_HI), constant(_EXP_LO), constant(_ONE), constant(_ZERO)
     x = each(lambda v: above(below(v, hi), lo), xs)
@@ -617,9 +621,7 @@ def _softmax_rows24(count):
             at = [builder.add(r, ir.Constant(r.type, k)) for k in range(count)]
             pointers = [p for row in at for p in _row24(context, builder, signature.args[0], rows, row)]
             exps = _emit_pexp(builder, [builder.load(p, align=4) for p in pointers])
-            i64s = ir.VectorType(ir.IntType(64), _LANES)
-            tail_lanes = builder.icmp_signed("<", ir.Constant(i64s, list(range(16, 24))),
-                                             broadcast(builder, n_labels, _LANES))
+            tail_lanes = _emit_label_lanes24(builder, n_labels)
             zero = ir.Constant(_vector(_LANES), [0.0] * _LANES)
             for k, row in enumerate(at):
                 v0, v1, v2 = exps[3 * k:3 * k + 3]
@@ -645,7 +647,7 @@ def _softmax_rows24(count):
 
         return types.void(rows, types.intp, tails, types.intp), codegen
 
-    return _named_intrinsic(softmax_rows24, f"softmax_rows24_{count}")
+    return named_intrinsic(softmax_rows24, f"softmax_rows24_{count}")
 
 
 @intrinsic
@@ -696,7 +698,7 @@ def _blur_block(lanes, blocks):
 
         return types.void(blurred, values, types.intp, types.intp, types.intp, types.intp), codegen
 
-    return _named_intrinsic(blur_block, f"blur_block_{blocks}x{lanes}")
+    return named_intrinsic(blur_block, f"blur_block_{blocks}x{lanes}")
 
 
 def _combine_block(lanes, blocks):
@@ -723,7 +725,7 @@ def _combine_block(lanes, blocks):
         return types.void(rows, types.intp, neg_unary, types.intp, g_acc, types.float32, types.float32,
                           b_acc, types.float32, types.float32, types.intp), codegen
 
-    return _named_intrinsic(combine_block, f"combine_block_{blocks}x{lanes}")
+    return named_intrinsic(combine_block, f"combine_block_{blocks}x{lanes}")
 
 
 def _gather_block(lanes, blocks):
@@ -771,7 +773,7 @@ def _gather_block(lanes, blocks):
 
         return types.void(values, types.intp, q, csr_start, csr_pixel, csr_weight, types.intp, types.boolean), codegen
 
-    return _named_intrinsic(gather_block, f"gather_block_{blocks}x{lanes}")
+    return named_intrinsic(gather_block, f"gather_block_{blocks}x{lanes}")
 
 
 _gather8 = _gather_block(_LANES, 1)
