@@ -1,7 +1,7 @@
 """Throughput of `deeplab segment` side by side with a serial baseline, a PyTorch eager port, and the
 machine's own matrix-multiply rate (issue 5). Random weights of the real shapes, VOC-sized images.
 
-    PYTHONPATH=src python benchmarks/run.py --markdown BENCHMARKS.md     # 8 images, 3 rounds: 12-17 min on 2 cores
+    PYTHONPATH=src python benchmarks/run.py --markdown BENCHMARKS.md     # 8 images, 3 rounds: 15-25 min on 2 cores
 
 Rows, all over the same N images, warm-up excluded (with --rounds R: each row R times, the fastest kept):
 - `deeplab segment` as a subprocess (CRF on, and --no-crf). Start-up and model load are measured by a
@@ -9,8 +9,9 @@ Rows, all over the same N images, warm-up excluded (with --rounds R: each row R 
 - the serial baseline: one process, one onnxruntime session, upsampling, softmax, pydensecrf, argmax, PNG.
 - a PyTorch eager pipeline of the same network and the same CRF (torch is a benchmark-only dependency).
 - the network alone, as GFLOP/s from the analytic FLOP count, against numpy's float32 matmul rate.
-- `deeplab crf tune` over its default grid with pydensecrf, then numba, on 2 images at 500x375 (the
-  target's) and at 160x120 (reported only), once each: pydensecrf takes 2-5 minutes of it.
+- `deeplab crf tune` over its default grid with pydensecrf and numba, on 2 images at 500x375 (the
+  target's) and at 160x120 (reported only), the fastest of 2 runs each (--tune-rounds), the backends
+  taking turns to go first: pydensecrf takes 2-5 minutes a run.
 - on a machine where onnxruntime has CUDA: the network in float32 and float16; the CRF alone on every core,
   the ceiling of a GPU machine; and `segment --device cuda` (CRF on, and --no-crf) over enough images to
   keep every CRF worker busy. `--gpu-only` leaves out the CPU rows but the serial baseline (the labels'
@@ -442,10 +443,14 @@ def crf_tune(images: Path, logits: Path, truth: Path, out: Path, backend: str) -
     return seconds, done.stdout
 
 
-def tune_rows(paths: list[Path], model: Path, work: Path, count: int, size: tuple[int, int]) -> tuple[Run, Run, bool]:
+def tune_rows(paths: list[Path], model: Path, work: Path, count: int, size: tuple[int, int],
+              rounds: int) -> tuple[Run, Run, bool]:
     """`deeplab crf tune` over its default grid on `count` images of `size` (H, W), before (pydensecrf: one
     CRF per setting, lattices built 288 times) and after (the numba engine: 48 lattices, shared by the
-    weights). Returns the two rows and whether both printed the same table (bit-identical CRFs)."""
+    weights), each the fastest of `rounds` runs. The backends take turns leading a round (pydensecrf,
+    numba, numba, pydensecrf, ...): this machine's speed drifts over minutes, and a run of each minutes
+    long, one after the other, can straddle a change. Returns the two rows and whether every run printed
+    the same table (bit-identical CRFs)."""
     work = work / f"tune-{size[1]}x{size[0]}"
     images = work / "images"
     images.mkdir(parents=True)
@@ -454,13 +459,19 @@ def tune_rows(paths: list[Path], model: Path, work: Path, count: int, size: tupl
         cv2.imwrite(str(images / f"{path.stem}.png"), small)
     # Logits from the network; the masks of the same run serve as ground truth (any label map times the same).
     run_segment([images], count, work / "logits", model, ["-f", "logits", "-f", "index", "--no-crf"])
-    rows, tables = [], []
-    for backend in ("pydensecrf", "numba"):
-        seconds, table = crf_tune(images, work / "logits", work / "logits", work / f"{backend}.json", backend)
-        rows.append(Run(f"deeplab crf tune --crf-backend {backend}", count, seconds,
-                        note=f"288 settings x {count} images of {size[1]}x{size[0]}, all cores"))
-        tables.append(table)
-    return rows[0], rows[1], tables[0] == tables[1]
+    backends = ("pydensecrf", "numba")
+    seconds: dict[str, list[float]] = {backend: [] for backend in backends}
+    tables = set()
+    for k in range(rounds):
+        for backend in backends[::-1] if k % 2 else backends:
+            elapsed, table = crf_tune(images, work / "logits", work / "logits", work / f"{backend}.json", backend)
+            seconds[backend].append(elapsed)
+            tables.add(table)
+    rows = [Run(f"deeplab crf tune --crf-backend {backend}", count, min(seconds[backend]),
+                note=f"288 settings x {count} images of {size[1]}x{size[0]}, all cores"
+                     + (f"; fastest of {', '.join(f'{s:.1f}' for s in seconds[backend])} s" if rounds > 1 else ""))
+            for backend in backends]
+    return rows[0], rows[1], len(tables) == 1
 
 
 def crf_alone_per_backend(rounds: int) -> tuple[list[str], list[list[str]]]:
@@ -656,7 +667,7 @@ LABEL_CHECKS = {  # pipeline -> the check comparing its labels with the serial b
 
 
 def measure(paths: list[Path], weights, work: Path, threads: int, gpu_batch: int, rounds: int,
-            cpu_rows: bool = True, tune: tuple[int, list[tuple[int, int]]] | None = None) -> Measurements:
+            cpu_rows: bool = True, tune: tuple[int, list[tuple[int, int]], int] | None = None) -> Measurements:
     import onnxruntime as ort
 
     notes = []
@@ -690,9 +701,10 @@ def measure(paths: list[Path], weights, work: Path, threads: int, gpu_batch: int
     tune_sizes = []
     for key, size in zip(("tune", "tune small"), tune[1] if cpu_rows and tune else ()):
         tune_sizes.append(f"{size[1]}x{size[0]}")
-        progress(f"crf tune on the default grid, {tune[0]} images of {tune_sizes[-1]}, with pydensecrf then numba")
+        progress(f"crf tune on the default grid, {tune[0]} images of {tune_sizes[-1]}, {tune[2]} round(s) of "
+                 "pydensecrf and numba in turn")
         runs[f"{key} before"], runs[f"{key} after"], same = measured(tune_rows, paths, models["cpu"], work, tune[0],
-                                                                     size)
+                                                                     size, tune[2])
         checks[f"crf tune, {tune_sizes[-1]}: the same table with either backend"] = float(same)
     gpu_crf = []
     if "cuda" in models:
@@ -811,12 +823,15 @@ def main() -> None:
     parser.add_argument("--tune-sizes", type=sizes_argument, default=[VOC_SIZE, (120, 160)], metavar="WxH,...",
                         help="their size, checked against the target, then optionally one more, only reported; "
                              "pydensecrf takes the grid 288 times per image, 5 minutes at 500x375 [500x375,160x120]")
+    parser.add_argument("--tune-rounds", type=int, default=2,
+                        help="runs of each backend's `crf tune`, the two leading rounds in turn, the fastest kept: "
+                             "fewer than --rounds, as each pydensecrf run takes minutes [2]")
     parser.add_argument("--markdown", type=Path, help="also write the report as markdown to this file")
     args = parser.parse_args()
     if args.images < 2:
         parser.error("--images must be at least 2 (steady state needs t_N - t_1)")
-    if args.rounds < 1:
-        parser.error("--rounds must be at least 1")
+    if args.rounds < 1 or args.tune_rounds < 1:
+        parser.error("--rounds and --tune-rounds must be at least 1")
     if len(args.tune_sizes) > 2:
         parser.error("--tune-sizes takes one or two sizes")
     if args.gpu_only:
@@ -841,7 +856,7 @@ def main() -> None:
         print(images, flush=True)
         m = measure(paths, random_weights(args.seed), work, threads, args.gpu_batch, args.rounds,
                     cpu_rows=not args.gpu_only,
-                    tune=(min(args.tune_images, args.images), args.tune_sizes) if args.tune_images else None)
+                    tune=(min(args.tune_images, args.images), args.tune_sizes, args.tune_rounds) if args.tune_images else None)
 
     header, rows, check_header, checks, notes = tables(m)
     checks += m.crf_checks
@@ -858,7 +873,9 @@ def main() -> None:
             "",
             "Throughput of `deeplab segment` against a serial baseline and a PyTorch eager port, on the full-size",
             "DeepLab-LargeFOV with random weights and synthetic photo-like images (1/f texture, soft-edged objects).",
-            f"Each row is measured over the same images, warm-up excluded, {rounds}. `deeplab segment` runs as a",
+            f"Each row is measured over the same images, warm-up excluded, {rounds}"
+            + (f" (the `crf tune` rows: the fastest of {args.tune_rounds} runs, the backends going first in turn)"
+               if args.tune_images and args.tune_rounds != args.rounds else "") + ". `deeplab segment` runs as a",
             "subprocess; its steady-state rate is (N-1)/(t_N - t_1) with t_1 a 1-image run (start-up and model",
             "load), and the ratios use that rate. GFLOP/s come from the analytic count of convolution FLOPs.",
             "Generated by the command below (with the package installed, drop `PYTHONPATH=src`):",

@@ -19,7 +19,8 @@ import run as bench  # noqa: E402
 
 # The baselines are pydensecrf's, as the targets are stated against it.
 needs_pydensecrf = pytest.mark.skipif(importlib.util.find_spec("pydensecrf") is None, reason="pydensecrf is not installed")
-SMALL = ["--images", "3", "--rounds", "1", "--size", "80x64", "--tune-images", "1", "--tune-sizes", "64x48,56x48"]
+SMALL = ["--images", "3", "--rounds", "1", "--size", "80x64", "--tune-images", "1", "--tune-sizes", "64x48,56x48",
+         "--tune-rounds", "2"]
 
 
 def run_script(*args, cwd):
@@ -48,6 +49,14 @@ def test_the_report_holds_every_row_and_check(tmp_path):
     for size in ("64x48", "56x48"):
         assert f"| crf tune, {size}: the same table with either backend | 100.00% | >= 100% | PASS |" in report
     assert "| crf tune, default grid, 64x48: numba / pydensecrf |" in report
+    # Both backends' tune rows keep the faster of their two runs, and say so.
+    for backend in ("pydensecrf", "numba"):
+        line = next(line for line in report.splitlines() if line.startswith(f"| deeplab crf tune --crf-backend {backend} |")
+                    and "64x48" in line)
+        times = [float(t) for t in line.split("fastest of ")[1].split(" s")[0].split(", ")]
+        seconds_per_image = float(line.split("|")[3])  # one image
+        assert len(times) == 2 and round(seconds_per_image, 1) == min(times), line
+    assert "(the `crf tune` rows: the fastest of 2 runs, the backends going first in turn)" in report
     assert "crf tune, default grid, 56x48: numba / pydensecrf" in report
     # The CRF alone per backend, bit-identical to pydensecrf.
     for row in ("| pydensecrf2 1.1 (1 thread) |", "| numba, 1 thread |", "| numba, 2 threads |"):
@@ -67,6 +76,12 @@ def test_the_report_holds_every_row_and_check(tmp_path):
     for check in gpu_checks:
         line = next(line for line in report.splitlines() if line.startswith(f"| {check}"))
         assert line.endswith("| SKIP |") != CUDA_OFFERED, line
+
+
+def test_zero_tune_rounds_is_a_usage_error(tmp_path):
+    done = run_script("--tune-rounds", "0", cwd=tmp_path)
+    assert done.returncode == 2
+    assert "--rounds and --tune-rounds must be at least 1" in done.stderr.splitlines()[-1]
 
 
 def test_a_third_tune_size_is_a_usage_error(tmp_path):
