@@ -826,8 +826,8 @@ def main() -> None:
                         help="their size, checked against the target, then optionally one more, only reported; "
                              "pydensecrf takes the grid 288 times per image, 5 minutes at 500x375 [500x375,160x120]")
     parser.add_argument("--tune-rounds", type=int, default=2,
-                        help="runs of each backend's `crf tune`, the two leading rounds in turn, the fastest kept: "
-                             "fewer than --rounds, as each pydensecrf run takes minutes [2]")
+                        help="runs of each backend's `crf tune`, the backends going first in turn, the fastest "
+                             "kept: fewer than --rounds, as a pydensecrf run takes minutes [2]")
     parser.add_argument("--markdown", type=Path, help="also write the report as markdown to this file")
     args = parser.parse_args()
     if args.images < 2:
@@ -856,9 +856,9 @@ def main() -> None:
         images = (f"{args.images} JPEGs (quality 90, {sum(p.stat().st_size for p in paths) / len(paths) / 1024:.0f} "
                   f"KiB on average): {args.images - portrait} at {width}x{height}, {portrait} at {height}x{width}")
         print(images, flush=True)
+        tune = (min(args.tune_images, args.images), args.tune_sizes, args.tune_rounds) if args.tune_images else None
         m = measure(paths, random_weights(args.seed), work, threads, args.gpu_batch, args.rounds,
-                    cpu_rows=not args.gpu_only,
-                    tune=(min(args.tune_images, args.images), args.tune_sizes, args.tune_rounds) if args.tune_images else None)
+                    cpu_rows=not args.gpu_only, tune=tune)
 
     header, rows, check_header, checks, notes = tables(m)
     checks += m.crf_checks

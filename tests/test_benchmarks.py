@@ -51,8 +51,8 @@ def test_the_report_holds_every_row_and_check(tmp_path):
     assert "| crf tune, default grid, 64x48: numba / pydensecrf |" in report
     # Both backends' tune rows keep the faster of their two runs, and say so.
     for backend in ("pydensecrf", "numba"):
-        line = next(line for line in report.splitlines() if line.startswith(f"| deeplab crf tune --crf-backend {backend} |")
-                    and "64x48" in line)
+        line = next(line for line in report.splitlines()
+                    if line.startswith(f"| deeplab crf tune --crf-backend {backend} |") and "64x48" in line)
         times = [float(t) for t in line.split("fastest of ")[1].split(" s")[0].split(", ")]
         seconds_per_image = float(line.split("|")[3])  # one image
         # The note rounds to 0.1 s, the column to 1 ms.
