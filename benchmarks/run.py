@@ -590,6 +590,16 @@ def reference_rates(threads: int) -> tuple[Run, Run]:
                 note="info: the GEMM library ORT's Conv uses"))
 
 
+@dataclass(frozen=True)
+class TunePlan:
+    """The `crf tune` rows: `images` images at each of `sizes` ((H, W), the target's first), each
+    backend run `rounds` times."""
+
+    images: int
+    sizes: list[tuple[int, int]]
+    rounds: int
+
+
 @dataclass
 class Plan:
     """What each round measures, and over what."""
@@ -669,7 +679,7 @@ LABEL_CHECKS = {  # pipeline -> the check comparing its labels with the serial b
 
 
 def measure(paths: list[Path], weights, work: Path, threads: int, gpu_batch: int, rounds: int,
-            cpu_rows: bool = True, tune: tuple[int, list[tuple[int, int]], int] | None = None) -> Measurements:
+            cpu_rows: bool = True, tune: TunePlan | None = None) -> Measurements:
     import onnxruntime as ort
 
     notes = []
@@ -701,12 +711,12 @@ def measure(paths: list[Path], weights, work: Path, threads: int, gpu_batch: int
         progress("the CRF alone per backend, on 500x375 photos")
         crf_rows, crf_checks = crf_alone_per_backend(rounds)
     tune_sizes = []
-    for key, size in zip(("tune", "tune small"), tune[1] if cpu_rows and tune else ()):
+    for key, size in zip(("tune", "tune small"), tune.sizes if cpu_rows and tune else ()):
         tune_sizes.append(f"{size[1]}x{size[0]}")
-        progress(f"crf tune on the default grid, {tune[0]} images of {tune_sizes[-1]}, {tune[2]} round(s) of "
-                 "pydensecrf and numba in turn")
-        runs[f"{key} before"], runs[f"{key} after"], same = measured(tune_rows, paths, models["cpu"], work, tune[0],
-                                                                     size, tune[2])
+        progress(f"crf tune on the default grid, {tune.images} images of {tune_sizes[-1]}, {tune.rounds} round(s) "
+                 "of pydensecrf and numba in turn")
+        runs[f"{key} before"], runs[f"{key} after"], same = measured(tune_rows, paths, models["cpu"], work,
+                                                                     tune.images, size, tune.rounds)
         checks[f"crf tune, {tune_sizes[-1]}: the same table with either backend"] = float(same)
     gpu_crf = []
     if "cuda" in models:
@@ -856,9 +866,9 @@ def main() -> None:
         images = (f"{args.images} JPEGs (quality 90, {sum(p.stat().st_size for p in paths) / len(paths) / 1024:.0f} "
                   f"KiB on average): {args.images - portrait} at {width}x{height}, {portrait} at {height}x{width}")
         print(images, flush=True)
-        tune = (min(args.tune_images, args.images), args.tune_sizes, args.tune_rounds) if args.tune_images else None
+        tune = TunePlan(min(args.tune_images, args.images), args.tune_sizes, args.tune_rounds)
         m = measure(paths, random_weights(args.seed), work, threads, args.gpu_batch, args.rounds,
-                    cpu_rows=not args.gpu_only, tune=tune)
+                    cpu_rows=not args.gpu_only, tune=tune if args.tune_images else None)
 
     header, rows, check_header, checks, notes = tables(m)
     checks += m.crf_checks
