@@ -12,9 +12,9 @@ real shapes. One process per row, so each row's peak memory is its own (VmHWM fr
 - probabilities: the network at the working size (longer side 513) and softmax, as `segment` computes
   them without the CRF; saved for the rows below, which all start from them.
 - labels, full map: labels_from_scores(resize_probs(probs, H, W)), what stages.refine does today.
-- labels, cv2 by columns: cv2's own two passes, the vertical one over slices of columns (the exact
-  fallback of `upsample`, with (C, 513, W) float32 held): a reference where the full map cannot be made.
 - labels, banded: upsample.labels_at_size(probs, H, W).
+- labels, cv2.resize: OpenCV's own bilinear resize instead of the project's kernel, class by class over
+  slices of columns (with (C, 513, W) float32 held): how far labels move with OpenCV's rounding.
 - probs.npz (24 MP only; 400 MP would write 17 GB): write_npz of resize_probs(...).astype(float16)
   against write_npz_streamed of upsample.prob_chunks(...).
 A row that cannot allocate its memory (its address space is capped at what the machine has free, so
@@ -39,7 +39,7 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 IMAGES = {"24 MP JPEG": ("photo.jpg", (4000, 6000)), "400 MP PNG": ("scan.png", (20000, 20000))}
-LABEL_ROWS = {"full": "labels, full map", "columns": "labels, cv2 by columns", "banded": "labels, banded"}
+LABEL_ROWS = {"full": "labels, full map", "banded": "labels, banded", "cv2": "labels, cv2.resize"}
 
 
 def status_mb(field: str) -> float:
@@ -97,10 +97,8 @@ def child(step: str, args: list[str]) -> dict:
         labels = labels_from_scores(resize_probs(probs, height, width))
     elif step == "banded":
         labels = labels_at_size(probs, height, width)
-    elif step == "columns":
-        from deeplab_cli.upsample import BAND_BYTES, _label_bands_by_columns
-
-        labels = next(_label_bands_by_columns(np.ascontiguousarray(probs), height, width, BAND_BYTES))[1]
+    elif step == "cv2":
+        labels = cv2_labels(probs, height, width)
     elif step == "npz-full":
         outputs.write_npz(out, probs=resize_probs(probs, height, width).astype(np.float16))
     elif step == "npz-streamed":
@@ -109,9 +107,33 @@ def child(step: str, args: list[str]) -> dict:
     else:
         raise SystemExit(f"unknown step {step}")
     seconds = time.perf_counter() - start
-    if step in ("full", "banded", "columns"):
+    if step in LABEL_ROWS:
         np.save(out, labels)
     return {"seconds": seconds, "baseline": baseline}
+
+
+def cv2_labels(probs: np.ndarray, height: int, width: int, step: int = 1024) -> np.ndarray:
+    """(C, h, w) float32 -> (height, width) uint8 labels from cv2.resize(INTER_LINEAR): the horizontal
+    pass of every class kept whole, the vertical pass over slices of columns (resizes are separable)."""
+    import cv2
+
+    across = np.stack([cv2.resize(channel, (width, probs.shape[1]), interpolation=cv2.INTER_LINEAR)
+                       for channel in probs])
+    labels = np.empty((height, width), np.uint8)
+    for x0 in range(0, width, step):
+        x1 = min(width, x0 + step)
+        best = winner = None
+        for c, channel in enumerate(across):
+            value = cv2.resize(np.ascontiguousarray(channel[:, x0:x1]), (x1 - x0, height),
+                               interpolation=cv2.INTER_LINEAR)
+            if best is None:
+                best, winner = value, np.zeros(value.shape, np.uint8)
+            else:
+                better = value > best
+                np.copyto(best, value, where=better)
+                winner[better] = c
+        labels[:, x0:x1] = winner
+    return labels
 
 
 def child_main(step: str, args: list[str]) -> None:
@@ -236,18 +258,18 @@ def describe(image: str, step: str, result: dict, agree: float | None = None, no
 
 
 def label_rows(name: str, image: Path, size: tuple[int, int], model: Path, work: Path) -> list[list[str]]:
-    """Decode, probabilities, then the three ways to labels, each checked against the one before it."""
+    """Decode, probabilities, then the three ways to labels, each checked against the first one made."""
     file_size = f"{image.stat().st_size / 1e6:,.0f} MB file"
     rows = [describe(name, "decode", run_child("decode", image), note=file_size)]
     probs = work / f"{image.stem}.probs.npy"
     result = run_child("probs", image, model, probs)
     rows.append(describe(name, "network + softmax (513)", result, note=f"probs {tuple(result.get('shape', ()))}"))
     saved = {}
-    for step in ("full", "columns", "banded"):
+    for step in LABEL_ROWS:
         print(f"{name}: labels, {step}", file=sys.stderr)
         path = work / f"{image.stem}.{step}.npy"
         result = run_child(step, probs, *size, path)
-        reference = next(iter(saved.values()), None)  # the full map where it was made, else the columns
+        reference = next(iter(saved.values()), None)  # the full map where it was made, else the bands
         agree = None if result.get("error") or reference is None else agreement(reference, path)
         if not result.get("error"):
             saved[step] = path

@@ -86,14 +86,19 @@ _FILE_KINDS = {stat.S_IFIFO: "a FIFO", stat.S_IFSOCK: "a socket", stat.S_IFCHR: 
                stat.S_IFBLK: "a block device"}
 
 
+# Where OpenCV keeps its log level: cv2.utils.logging in newer releases, cv2 itself in 4.8.
+_OPENCV_LOG = getattr(cv2.utils, "logging", cv2)
+_OPENCV_SILENT = 0  # LOG_LEVEL_SILENT
+
+
 @contextmanager
 def _quiet_opencv():
-    previous = cv2.utils.logging.getLogLevel()
-    cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)
+    previous = _OPENCV_LOG.getLogLevel()
+    _OPENCV_LOG.setLogLevel(_OPENCV_SILENT)
     try:
         yield
     finally:
-        cv2.utils.logging.setLogLevel(previous)
+        _OPENCV_LOG.setLogLevel(previous)
 
 
 def _read_bytes(path: str | os.PathLike) -> bytes:
