@@ -7,7 +7,7 @@ test_meanfield.py (pydensecrf exposes no lattice); these tests hold the arrays' 
 import numpy as np
 import pytest
 
-from deeplab_cli import lattice
+from deeplab_cli import lattice, meanfield_ir
 
 
 def _image(height=30, width=40, seed=0):
@@ -122,7 +122,7 @@ def test_simplices_eight_at_a_time_equal_one_at_a_time(d, scale):
     n_pad = 204
     scale_factors = lattice._scale_factors(d)
     results = []
-    for simplices, lo in ((lattice._simplices, 0), (lattice._simplices_fast, 0), (lattice._simplices_fast, 3)):
+    for simplices, lo in ((lattice._simplices, 0), (meanfield_ir.simplices, 0), (meanfield_ir.simplices, 3)):
         keys = np.zeros((n_pad, d + 1, 3), np.int64)
         weights = np.zeros((n_pad, d + 1), np.float32)
         if lo:  # in pieces that do not start on a block

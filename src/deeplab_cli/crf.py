@@ -81,9 +81,17 @@ class CRFParams:
 
 
 def check_backend(backend: str) -> None:
-    """Fail before any work when `backend` cannot run here: RuntimeSetupError saying what to install."""
+    """Fail before any work when `backend` cannot run here: RuntimeSetupError saying what to install.
+
+    For `numba`, chooses the engine's kernels here (compiled, or loaded from numba's cache), so that
+    the workers started afterwards inherit the choice (deeplab_cli.engine).
+    """
     if backend not in BACKENDS:
         raise ValueError(f"unknown CRF backend {backend!r} (known: {', '.join(BACKENDS)})")
+    if backend == "numba":
+        from deeplab_cli import engine
+
+        engine.kernels()
     if backend == "pydensecrf":
         try:
             import pydensecrf.densecrf  # noqa: F401

@@ -5,12 +5,13 @@ x86-64): the same float32 elevation, rounding, rank sort and barycentric weights
 points numbered in the same order (first appearance while scanning pixels, vertex by vertex, with the
 pixel count padded to a multiple of four by all-zero features, whose points pydensecrf creates too),
 and the same blur neighbours. A key is pydensecrf's d 16-bit coordinates (wrapping as its `short`
-does) packed into two int64 words, so features have at most six dimensions. For the CRF's two
-feature counts (2 and 5) the simplices are found eight pixels at a time, one per vector lane.
+does) packed into two int64 words, so features have at most six dimensions. The steps that have
+faster twins in hand-written IR (`deeplab_cli.meanfield_ir`) run the kernels `deeplab_cli.engine`
+chooses; the plain ones are here.
 
 The result is plain numpy arrays (`Lattice`), so other implementations (ONNX, GPU) can consume them.
-Importing this module points numba's cache at the project's cache folder and turns on LLVM's SLP
-vectoriser, unless the user has set NUMBA_CACHE_DIR / NUMBA_SLP_VECTORIZE.
+Importing this module applies the project's numba settings (`deeplab_cli.jit`): its cache folder and
+LLVM's SLP vectoriser, unless the user has set NUMBA_CACHE_DIR / NUMBA_SLP_VECTORIZE.
 """
 
 from __future__ import annotations
@@ -18,83 +19,25 @@ from __future__ import annotations
 import functools
 import itertools
 import math
-import os
-import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from deeplab_cli.jit import configure_numba
 
-def _configure_numba() -> None:
-    """Cache compiled kernels under `<cache_dir()>/numba`; vectorise straight-line float code.
-
-    Both are read when numba is imported, so this runs first (and re-reads numba's configuration
-    if another module imported numba earlier).
-    """
-    from deeplab_cli.registry import cache_dir
-
-    os.environ.setdefault("NUMBA_CACHE_DIR", str(cache_dir() / "numba"))
-    os.environ.setdefault("NUMBA_SLP_VECTORIZE", "1")
-    if "numba" in sys.modules:
-        sys.modules["numba"].core.config.reload_config()
-
-
-_configure_numba()
+configure_numba()
 
 import numpy as np  # noqa: E402
-from llvmlite import ir  # noqa: E402
 from numba import njit  # noqa: E402
-from numba.core import cgutils, types  # noqa: E402
-from numba.extending import intrinsic  # noqa: E402
+
+from deeplab_cli import engine  # noqa: E402
 
 MAX_DIMS = 6  # key: coordinates 0-3 in one int64, 4-5 in 32 bits of another (the rest: point index)
 _HASH_A = np.int64(0x5851F42D4C957F2D)
 _HASH_B = np.int64(0x2545F4914F6CDD1D)
 _LOW32 = np.int64(0xFFFFFFFF)
 _LANE_TOPS = np.int64(0x8000800080008000 - (1 << 64))  # the top bit of each 16-bit coordinate
-_INSERT_AHEAD = 8  # pixels between the prefetch of a pixel's hash slots and their lookup
-
-
-def item_pointer(context, builder, array_type, array, indices):
-    """LLVM pointer to array[indices] (for intrinsics; no wraparound)."""
-    view = context.make_array(array_type)(context, builder, array)
-    return cgutils.get_item_pointer2(context, builder, view.data, cgutils.unpack_tuple(builder, view.shape),
-                                     cgutils.unpack_tuple(builder, view.strides), array_type.layout, indices,
-                                     wraparound=False)
-
-
-def named_intrinsic(typer, name):
-    """intrinsic(typer) under its own name (factories make several intrinsics of one typer)."""
-    typer.__name__ = typer.__qualname__ = name
-    return intrinsic(typer)
-
-
-def broadcast(builder, value, lanes):
-    """LLVM IR: a vector of `lanes` copies of the scalar `value` (of any type)."""
-    vector = ir.VectorType(value.type, lanes)
-    first = builder.insert_element(ir.Constant(vector, ir.Undefined), value, ir.Constant(ir.IntType(32), 0))
-    return builder.shuffle_vector(first, ir.Constant(vector, ir.Undefined),
-                                  ir.Constant(ir.VectorType(ir.IntType(32), lanes), [0] * lanes))
-
-
-def emit_prefetch(builder, pointer):
-    """LLVM IR: hint the CPU to fetch the cache line at `pointer`, to be read."""
-    i8p, i32 = ir.IntType(8).as_pointer(), ir.IntType(32)
-    hint = cgutils.get_or_insert_function(
-        builder.module, ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]), "llvm.prefetch.p0")
-    builder.call(hint, [builder.bitcast(pointer, i8p), i32(0), i32(3), i32(1)])
-
-
-@intrinsic
-def prefetch(typingctx, array, row, col):
-    """Hint the CPU to fetch the cache line of array[row, col] (2-D) into cache (`llvm.prefetch`)."""
-
-    def codegen(context, builder, signature, args):
-        emit_prefetch(builder, item_pointer(context, builder, signature.args[0], args[0], args[1:3]))
-        return context.get_dummy_value()
-
-    return types.void(array, types.intp, types.intp), codegen
 
 
 @dataclass(frozen=True)
@@ -183,14 +126,15 @@ def build_lattice(features: np.ndarray, threads: int = 1) -> Lattice:
     if not 1 <= d <= MAX_DIMS or n < 1:
         raise ValueError(f"features must be (N >= 1, 1..{MAX_DIMS}), got {features.shape}")
     n_pad = -(-n // 4) * 4  # pydensecrf elevates 4 pixels at a time, zero-filling the last packet
+    code = engine.kernels()
     ws = workspace()
     keys = ws.take("lattice_keys", (n_pad, d + 1, 3), np.int64)
     weights = np.empty((n_pad, d + 1), np.float32)
-    parallel_for(_simplices_fast, n_pad, threads, features, _scale_factors(d), _vertex_steps(d), keys, weights)
+    parallel_for(code.simplices, n_pad, threads, features, _scale_factors(d), _vertex_steps(d), keys, weights)
     offsets = np.empty((n_pad, d + 1), np.int32)
     point_keys = ws.take("lattice_point_keys", (n_pad * (d + 1), 2), np.int64)
     table = ws.take("lattice_table", (_pow2(n_pad), 2), np.int64)  # grows if half full
-    m, table = _insert(keys, offsets, point_keys, table)
+    m, table = code.insert(keys, offsets, point_keys, table)
     point_keys = point_keys[:m]
     offsets, weights = offsets[:n], weights[:n]
     for array in (offsets, weights):
@@ -200,7 +144,7 @@ def build_lattice(features: np.ndarray, threads: int = 1) -> Lattice:
     else:
         csr = functools.cache(functools.partial(_read_only_csr, offsets, weights, m))
     neighbours = np.empty((d + 1, m, 2), np.int32)
-    parallel_for(_neighbours, m, threads, point_keys, table, neighbours)
+    parallel_for(code.neighbours, m, threads, point_keys, table, neighbours)
     norm = _norm(offsets, weights, neighbours, _alpha(d))
     for array in (neighbours, norm):
         array.flags.writeable = False
@@ -427,148 +371,6 @@ def _simplices(lo, hi, features, scale, steps, keys, weights):
             weights[k, r] = bary[r]
 
 
-_BLOCK = 8  # pixels per `_simplex_block` call, one per vector lane
-
-
-def _simplex_block(d):
-    """Intrinsic (k, features, scale, keys, weights): `_simplices` of pixels k..k+7 (all < N) for d
-    features, one pixel per lane of 8-wide vectors: the same float32 and integer operations in the
-    same order. Where the scalar code indexes by rank (barycentric slots, the coordinate that wraps
-    between vertices), each candidate is selected instead: exactly one matches, and selection does
-    no arithmetic. A slot's + and - (bary[p] += v, bary[p + 1] -= v) give a - b in either order."""
-    d1 = d + 1
-    down, up = np.float32(1) / np.float32(d1), np.float32(d1)
-    steps = _vertex_steps(d)
-
-    def simplex_block(typingctx, k, features, scale, keys, weights):
-        def codegen(context, builder, signature, args):
-            k, features, scale, keys, weights = args
-            features_t, scale_t, keys_t, weights_t = signature.args[1:]
-            f32 = ir.FloatType()
-            floats, ints = ir.VectorType(f32, _BLOCK), ir.VectorType(ir.IntType(64), _BLOCK)
-            pixels = [builder.add(k, ir.Constant(k.type, lane)) for lane in range(_BLOCK)]
-
-            def fconst(value):
-                return broadcast(builder, ir.Constant(f32, float(value)), _BLOCK)
-
-            def iconst(value):  # int64 lanes of `value`, wrapped as two's complement
-                return ir.Constant(ints, [int(value) & (1 << 64) - 1] * _BLOCK)
-
-            def gather(array_t, array, column):
-                vector = ir.Constant(floats, ir.Undefined)
-                for lane, pixel in enumerate(pixels):
-                    value = builder.load(item_pointer(context, builder, array_t, array, [pixel, column]))
-                    vector = builder.insert_element(vector, value, ir.Constant(ir.IntType(32), lane))
-                return vector
-
-            def spread(vector, array_t, array, *index):
-                for lane, pixel in enumerate(pixels):
-                    value = builder.extract_element(vector, ir.Constant(ir.IntType(32), lane))
-                    builder.store(value, item_pointer(context, builder, array_t, array,
-                                                      [pixel, *(ir.Constant(k.type, i) for i in index)]))
-
-            # Elevate onto the plane x0 + ... + xd = 0.
-            elevated = [None] * d1
-            sm = fconst(0)
-            for j in range(d, 0, -1):
-                column = ir.Constant(k.type, j - 1)
-                s = broadcast(builder, builder.load(item_pointer(context, builder, scale_t, scale, [column])), _BLOCK)
-                cf = builder.fmul(gather(features_t, features, column), s)
-                elevated[j] = builder.fsub(sm, builder.fmul(fconst(j), cf))
-                sm = builder.fadd(sm, cf)
-            elevated[0] = sm
-            # Nearest remainder-0 point, rounding to nearest even.
-            rint = cgutils.get_or_insert_function(builder.module, ir.FunctionType(floats, [floats]),
-                                                  "llvm.rint.v8f32")
-            rem0, total = [], fconst(0)
-            for e in elevated:
-                v = builder.call(rint, [builder.fmul(fconst(down), e)])
-                rem0.append(builder.fmul(v, fconst(up)))
-                total = builder.fadd(total, v)
-            # Ranks, and the point moved back onto the plane.
-            residual = [builder.fsub(e, r) for e, r in zip(elevated, rem0)]
-            base = builder.fptosi(total, ints)
-            rank = []
-            for i in range(d1):
-                count = base
-                for j in range(d1):
-                    if j < i:
-                        below = builder.not_(builder.fcmp_ordered("<", residual[j], residual[i]))
-                    elif j > i:
-                        below = builder.fcmp_ordered("<", residual[i], residual[j])
-                    else:
-                        continue
-                    count = builder.add(count, builder.zext(below, ints))
-                low = builder.icmp_signed("<", count, iconst(0))
-                high = builder.icmp_signed(">=", count, iconst(d1))
-                shift = builder.select(low, fconst(up), builder.select(high, fconst(-up), fconst(0)))
-                rank.append(builder.select(low, builder.add(count, iconst(d1)),
-                                           builder.select(high, builder.sub(count, iconst(d1)), count)))
-                rem0[i] = builder.fadd(rem0[i], shift)
-            # Barycentric coordinates: slot p gets +v of the coordinate ranked d - p, -v of the one
-            # ranked d - p + 1.
-            v = [builder.fmul(builder.fsub(e, r), fconst(down)) for e, r in zip(elevated, rem0)]
-
-            def ranked(value_of, q, zero):
-                chosen = zero
-                for i in range(d1):
-                    chosen = builder.select(builder.icmp_signed("==", rank[i], iconst(q)), value_of(i), chosen)
-                return chosen
-
-            plus = [ranked(lambda i: v[i], d - p, fconst(0)) for p in range(d1)]
-            minus = [ranked(lambda i: v[i], d - p + 1, fconst(0)) for p in range(1, d1 + 1)]
-            bary = [plus[0]] + [builder.fsub(a, b) for a, b in zip(plus[1:], minus)]
-            bary[0] = builder.fadd(bary[0], builder.fadd(fconst(1), builder.fsub(fconst(0), minus[-1])))
-            # Vertex keys: vertex 0 is rem0; vertex r adds the step of the coordinate ranked d - r + 1.
-            tops = iconst(_LANE_TOPS)
-
-            def add_lanes(a, b):
-                low_bits = builder.add(builder.and_(a, builder.not_(tops)), builder.and_(b, builder.not_(tops)))
-                return builder.xor(low_bits, builder.and_(builder.xor(a, b), tops))
-
-            words = [iconst(0), iconst(0)]
-            for i in range(d):
-                c = builder.and_(builder.fptosi(rem0[i], ints), iconst(0xFFFF))
-                words[i // 4] = builder.or_(words[i // 4], builder.shl(c, iconst(16 * (i % 4))))
-            for r in range(d1):
-                if r > 0:
-                    words = [add_lanes(word, ranked(lambda i: iconst(steps[i, w]), d - r + 1, iconst(0)))
-                             for w, word in enumerate(words)]
-                lo, hi = words
-                h = builder.xor(lo, builder.mul(hi, iconst(_HASH_B)))
-                h = builder.mul(builder.xor(h, builder.ashr(h, iconst(32))), iconst(_HASH_A))
-                h = builder.mul(builder.xor(h, builder.ashr(h, iconst(29))), iconst(_HASH_B))
-                h = builder.xor(h, builder.ashr(h, iconst(32)))
-                for w, word in enumerate((lo, hi, h)):
-                    spread(word, keys_t, keys, r, w)
-                spread(bary[r], weights_t, weights, r)
-            return context.get_dummy_value()
-
-        return types.void(types.intp, features, scale, keys, weights), codegen
-
-    return named_intrinsic(simplex_block, f"simplex_block_{d}")
-
-
-_simplex_block2 = _simplex_block(2)  # the Gaussian kernel's (x, y)
-_simplex_block5 = _simplex_block(5)  # the bilateral kernel's (x, y, r, g, b)
-
-
-@njit(cache=True, nogil=True)
-def _simplices_fast(lo, hi, features, scale, steps, keys, weights):
-    """`_simplices` of pixels lo..hi-1, eight pixels at a time where d is 2 or 5, as the CRF's kernels
-    have (at 500x375: 14.4 -> 2.9 ms for 5, 10.6 -> 1.0 ms for 2, measured)."""
-    n, d = features.shape
-    k = lo
-    if d == 2 or d == 5:
-        while k + _BLOCK <= min(hi, n):
-            if d == 2:
-                _simplex_block2(k, features, scale, keys, weights)
-            else:
-                _simplex_block5(k, features, scale, keys, weights)
-            k += _BLOCK
-    _simplices(k, hi, features, scale, steps, keys, weights)
-
-
 @njit(cache=True, nogil=True, inline="always")
 def _hash(lo, hi):
     """Hash of key (lo, hi); its low bits are the home slot in a table of power-of-two length."""
@@ -603,41 +405,45 @@ def _find(table, lo, hi):
 
 
 @njit(cache=True, nogil=True)
-def _insert(keys, offsets, point_keys, table):
+def insert(keys, offsets, point_keys, table):
     """Number the vertex keys by first appearance (pydensecrf's hash-table insertion order).
 
     keys: (n_pad, d+1, 3) int64 (lo, hi, hash). Fills offsets (n_pad, d+1) int32 and point_keys
     (>= M, 2) int64; returns M and the table (reallocated at twice the size whenever it gets half
     full).
     """
-    n_pad, d1 = keys.shape[:2]
     table[:] = 0
     filled = 0
-    for k in range(n_pad):
-        # The table is larger than L2 and the slots are random: fetch a later pixel's meanwhile.
-        ahead = min(k + _INSERT_AHEAD, n_pad - 1)
-        for r in range(d1):
-            prefetch(table, keys[ahead, r, 2] & (len(table) - 1), 0)
-        for r in range(d1):
-            lo = keys[k, r, 0]
-            hi = keys[k, r, 1]
-            # Neighbouring pixels often share vertices: reuse the last pixel's without hashing.
-            if k > 0 and lo == keys[k - 1, r, 0] and hi == keys[k - 1, r, 1]:
-                offsets[k, r] = offsets[k - 1, r]
-                continue
-            s = _probe(table, keys[k, r, 2] & (len(table) - 1), lo, hi)
-            if table[s, 1] != 0:
-                offsets[k, r] = (table[s, 1] >> 32) - 1
-                continue
-            table[s, 0] = lo
-            table[s, 1] = hi | ((filled + 1) << 32)
-            point_keys[filled, 0] = lo
-            point_keys[filled, 1] = hi
-            offsets[k, r] = filled
-            filled += 1
-            if 2 * filled >= len(table):
-                table = _rehash(point_keys, filled, 2 * len(table))
+    for k in range(keys.shape[0]):
+        filled = insert_pixel(k, keys, offsets, point_keys, table, filled)
+        if 2 * filled >= len(table):
+            table = _rehash(point_keys, filled, 2 * len(table))
     return filled, table
+
+
+@njit(cache=True, nogil=True, inline="always")
+def insert_pixel(k, keys, offsets, point_keys, table, filled):
+    """`insert`'s step for pixel k, `filled` points numbered so far; returns the new count. The table
+    grows between pixels: less than half full before, it keeps empty slots after d+1 <= 7 more points
+    (it has at least 16)."""
+    for r in range(keys.shape[1]):
+        lo = keys[k, r, 0]
+        hi = keys[k, r, 1]
+        # Neighbouring pixels often share vertices: reuse the last pixel's without hashing.
+        if k > 0 and lo == keys[k - 1, r, 0] and hi == keys[k - 1, r, 1]:
+            offsets[k, r] = offsets[k - 1, r]
+            continue
+        s = _probe(table, keys[k, r, 2] & (len(table) - 1), lo, hi)
+        if table[s, 1] != 0:
+            offsets[k, r] = (table[s, 1] >> 32) - 1
+            continue
+        table[s, 0] = lo
+        table[s, 1] = hi | ((filled + 1) << 32)
+        point_keys[filled, 0] = lo
+        point_keys[filled, 1] = hi
+        offsets[k, r] = filled
+        filled += 1
+    return filled
 
 
 @njit(cache=True, nogil=True)
@@ -654,31 +460,47 @@ def _rehash(point_keys, filled, capacity):
 
 
 @njit(cache=True, nogil=True)
-def _neighbours(lo, hi, point_keys, table, out):
+def neighbours(lo, hi, point_keys, table, out):
     """Blur neighbours of points lo..hi-1 into out (d+1, M, 2) int32 (-1 where absent): along axis
     j < d, key - 1 everywhere but + d at j, and key + 1 everywhere but - d at j; along axis d,
     key - 1 and key + 1 (pydensecrf's n1 and n2, in 16-bit arithmetic)."""
-    d = out.shape[0] - 1
-    # Each neighbour is the key plus a fixed step per coordinate: add the packed steps lane-wise.
+    steps = neighbour_steps(out.shape[0] - 1)
+    keys = np.empty((len(steps), 3), np.int64)  # lo, hi, home slot of each neighbour
+    for p in range(lo, hi):
+        for t in range(len(steps)):
+            neighbour_key(p, t, point_keys, steps, table, keys)
+        look_up_neighbours(p, keys, table, out)
+
+
+@njit(cache=True, nogil=True, inline="always")
+def neighbour_steps(d):
+    """(2(d+1), 2) int64: the packed key steps from a point to its neighbours, axis j's two at rows
+    2j and 2j+1 (each neighbour is the key plus a fixed step per coordinate, added lane-wise)."""
     steps = np.zeros((2 * (d + 1), 2), np.int64)
     for t in range(2 * (d + 1)):
         j, side = t // 2, t % 2
         for i in range(d):
             step = (d if side == 0 else -d) if i == j else (-1 if side == 0 else 1)
             steps[t, i // 4] |= (step & 0xFFFF) << (16 * (i % 4))
-    keys = np.empty((2 * (d + 1), 3), np.int64)  # lo, hi, home slot of each neighbour
-    for p in range(lo, hi):
-        # All 2(d+1) keys first, their table entries prefetched, so the misses overlap.
-        for t in range(2 * (d + 1)):
-            lo_word = _add_lanes(point_keys[p, 0], steps[t, 0])
-            hi_word = _add_lanes(point_keys[p, 1], steps[t, 1])
-            keys[t, 0] = lo_word
-            keys[t, 1] = hi_word
-            keys[t, 2] = _home(table, lo_word, hi_word)
-            prefetch(table, keys[t, 2], 0)
-        for t in range(2 * (d + 1)):
-            entry = table[_probe(table, keys[t, 2], keys[t, 0], keys[t, 1]), 1]
-            out[t // 2, p, t % 2] = (entry >> 32) - 1  # -1 for an empty slot
+    return steps
+
+
+@njit(cache=True, nogil=True, inline="always")
+def neighbour_key(p, t, point_keys, steps, table, keys):
+    """keys[t] = the lo word, hi word and home slot of point p's neighbour t (`neighbour_steps`)."""
+    lo_word = _add_lanes(point_keys[p, 0], steps[t, 0])
+    hi_word = _add_lanes(point_keys[p, 1], steps[t, 1])
+    keys[t, 0] = lo_word
+    keys[t, 1] = hi_word
+    keys[t, 2] = _home(table, lo_word, hi_word)
+
+
+@njit(cache=True, nogil=True, inline="always")
+def look_up_neighbours(p, keys, table, out):
+    """out[:, p] = the points of point p's neighbour `keys` (`neighbour_key`), -1 where absent."""
+    for t in range(len(keys)):
+        entry = table[_probe(table, keys[t, 2], keys[t, 0], keys[t, 1]), 1]
+        out[t // 2, p, t % 2] = (entry >> 32) - 1  # -1 for an empty slot
 
 
 @njit(cache=True, nogil=True)
