@@ -248,6 +248,24 @@ def test_a_fallback_passes_the_plain_kernels_on_to_the_processes_it_starts(uncho
     assert child.stdout.split() == ["deeplab_cli.meanfield_plain"] and child.stderr == ""
 
 
+FIRST_CALL = """
+import numpy as np
+from deeplab_cli import meanfield
+from deeplab_cli.synthetic import natural_image, probabilities
+image = np.ascontiguousarray(natural_image(40, 52, seed=3)[..., ::-1])
+probs = probabilities(image, seed=3)
+first = meanfield.dense_crf(image, probs, threads=2)  # choosing the kernels happens in this call
+print(int((first != meanfield.dense_crf(image, probs, threads=2)).sum()))
+"""
+
+
+def test_the_first_mean_field_of_a_process_is_not_disturbed_by_choosing_the_kernels():
+    # Choosing runs a mean field of its own on this thread: it must not share the first call's buffers.
+    done = subprocess.run([sys.executable, "-c", FIRST_CALL], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["0"]
+
+
 def test_an_ir_module_that_does_not_import_gives_way_to_the_plain_kernels(unchosen, monkeypatch, caplog):
     # As when numba.core.cgutils or llvmlite.ir have moved: importing deeplab_cli.meanfield_ir fails.
     monkeypatch.delattr(deeplab_cli, "meanfield_ir", raising=False)

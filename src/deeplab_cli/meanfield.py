@@ -92,6 +92,7 @@ def prepare(image_rgb: np.ndarray, params: CRFSettings, threads: int = 1) -> Ker
     """
     if image_rgb.ndim != 3 or image_rgb.shape[2] != 3 or image_rgb.dtype != np.uint8:
         raise ValueError(f"image must be (H, W, 3) uint8, got {image_rgb.shape} {image_rgb.dtype}")
+    engine.kernels()  # chosen before any buffer is in use: choosing runs a mean field of its own
     height, width = image_rgb.shape[:2]
     key = (height, width, float(np.float32(params.pos_xy_std)))
     with _memo_lock:
@@ -113,6 +114,7 @@ def mean_field(kernels: Kernels, probs: np.ndarray, params: CRFSettings, threads
     inside this one image; the result does not depend on it. iters == 0 returns probs renormalised.
     """
     _check_probs(probs, kernels.height, kernels.width)
+    engine.kernels()  # chosen before this thread's workspace is in use: choosing runs a mean field
     start = _Start(probs, threads, workspace())
     start.run(threads, initial_q=False)
     return _iterate(kernels, start, params, threads)
@@ -133,6 +135,7 @@ def dense_crf(image: np.ndarray, probs: np.ndarray, params: CRFSettings | None =
     # The unary and the initial Q need no lattice: a pool thread computes them while this one builds
     # the lattices, whose serial steps (hash insertion, norm) would leave it idle.
     _check_probs(probs, *image.shape[:2])
+    engine.kernels()  # chosen before this thread's workspace is in use: choosing runs a mean field
     start = _Start(probs, threads, workspace())
     started = start_beside(threads, start.run, 1, True)
     try:
@@ -154,6 +157,7 @@ def grid(image: np.ndarray, probs: np.ndarray, settings: Sequence[CRFSettings],
     fields may run on this thread between two results.
     """
     _check_probs(probs, *image.shape[:2])
+    engine.kernels()  # chosen before the buffers are in use, as in dense_crf
     start = _Start(probs, threads, Workspace())
     start.run(threads, initial_q=False)
     groups: dict[tuple[float, float, float], list[int]] = {}
