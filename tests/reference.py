@@ -1,4 +1,5 @@
-"""An independent DeepLab-LargeFOV for tests: PyTorch CPU, written from the paper's Caffe prototxt."""
+"""Independent references for cross-checks: DeepLab-LargeFOV in PyTorch (CPU, float64), written from the
+paper's Caffe prototxt, and pydensecrf. tests/golden/make_golden.py stores what they compute."""
 
 import numpy as np
 
@@ -12,31 +13,6 @@ BLOCKS = [
     [("conv5_1", 512, 3, 2), ("conv5_2", 512, 3, 2), ("conv5_3", 512, 3, 2), "max1", "avg1"],
     [("fc6", 1024, 3, 12), ("fc7", 1024, 1, 1), ("fc8_voc12", 21, 1, 1)],
 ]
-
-
-def conv_shapes(num_classes=21):
-    """Layer name -> OIHW weight shape, in order."""
-    shapes, in_ch = {}, 3
-    for block in BLOCKS:
-        for item in block:
-            if isinstance(item, tuple):
-                name, out, k, _ = item
-                out = num_classes if name == "fc8_voc12" else out
-                shapes[name] = (out, in_ch, k, k)
-                in_ch = out
-    return shapes
-
-
-def random_weights(seed=0, num_classes=21):
-    """He-initialised weights of the real shapes, so activations keep a sane scale through 16 layers."""
-    rng = np.random.default_rng(seed)
-    out = {}
-    for name, shape in conv_shapes(num_classes).items():
-        fan_in = shape[1] * shape[2] * shape[3]
-        w = rng.standard_normal(shape, dtype=np.float32) * np.float32(np.sqrt(2.0 / fan_in))
-        b = rng.standard_normal(shape[0], dtype=np.float32) * np.float32(0.1)
-        out[name] = (w, b)
-    return out
 
 
 def torch_logits(weights, image_bgr_u8, pad_to=None):
@@ -133,6 +109,25 @@ def deeplab_crf(image_bgr, probs, iters=10):
     crf.addPairwiseBilateral(sxy=121, srgb=5, rgbim=np.ascontiguousarray(image_bgr[..., ::-1]), compat=4,
                              kernel=dcrf.DIAG_KERNEL, normalization=dcrf.NORMALIZE_AFTER)
     return np.asarray(crf.inference(iters)).reshape(c, h, w)
+
+
+def pydensecrf_marginals(image_rgb, probs, params, normalization="after"):
+    """pydensecrf's (C, H, W) float32 marginals under deeplab_cli's model: unary -log max(p, float32 tiny),
+    Potts kernels, diagonal compatibilities. `params` has deeplab_cli.crf.CRFParams' fields;
+    `normalization` is "after" (DeepLab's) or "symmetric" (pydensecrf's default)."""
+    import pytest
+
+    dcrf = pytest.importorskip("pydensecrf.densecrf")
+    from deeplab_cli.meanfield import log_probs
+
+    norm = {"after": dcrf.NORMALIZE_AFTER, "symmetric": dcrf.NORMALIZE_SYMMETRIC}[normalization]
+    c, h, w = probs.shape
+    crf = dcrf.DenseCRF2D(w, h, c)
+    crf.setUnaryEnergy(-log_probs(probs))  # the unary is an input: deeplab_cli's log of the probabilities
+    crf.addPairwiseGaussian(sxy=params.pos_xy_std, compat=params.pos_w, kernel=dcrf.DIAG_KERNEL, normalization=norm)
+    crf.addPairwiseBilateral(sxy=params.bi_xy_std, srgb=params.bi_rgb_std, rgbim=np.ascontiguousarray(image_rgb),
+                             compat=params.bi_w, kernel=dcrf.DIAG_KERNEL, normalization=norm)
+    return np.asarray(crf.inference(params.iters), np.float32).reshape(c, h, w)
 
 
 def deeplab_labels(weights, image_bgr, crf=True, pad_to=None):

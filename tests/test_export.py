@@ -5,10 +5,11 @@ import pytest
 from click.testing import CliRunner
 
 from caffe_writer import write_caffemodel
-from conftest import LENET, natural_image
+from conftest import LENET
 from deeplab_cli.cli import cli
-from reference import torch_logits, training_net
-from test_model import assert_close_to_scale, run
+from deeplab_cli.synthetic import natural_image
+from reference import training_net
+from test_model import assert_reference_logits, run
 
 
 
@@ -31,7 +32,7 @@ def test_export_matches_reference(sources, weights, tmp_path, name):
     assert result.exit_code == 0, result.output
     for size in [(37, 45), (23, 61)]:
         image = natural_image(*size, seed=size[0])
-        assert_close_to_scale(run(tmp_path / "m.onnx", image), torch_logits(weights, image))
+        assert_reference_logits(run(tmp_path / "m.onnx", image), f"{size[0]}x{size[1]} seed {size[0]}", image, weights)
 
 
 def test_file_that_records_no_dilation_is_accepted(weights, tmp_path):

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps, PngImagePlugin
 
-from conftest import natural_image
 from deeplab_cli import images
 from deeplab_cli.errors import InputError, UsageError
 from deeplab_cli.images import DEFAULT_MAX_PIXELS, load_image, max_pixels_from_env, resize_for_network
+from deeplab_cli.synthetic import natural_image
 
 ORIENTATION = 0x0112
 

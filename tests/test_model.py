@@ -5,11 +5,12 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from conftest import natural_image, needs_cuda
+from conftest import needs_cuda
 from deeplab_cli.errors import WeightsError
 from deeplab_cli.model import build_onnx, check_weights
 from deeplab_cli.runtime import open_session
-from reference import torch_logits
+from deeplab_cli.synthetic import natural_image
+from golden_cases import golden_logits
 
 
 def run(model_path, image, pad_to=None):
@@ -27,10 +28,17 @@ def assert_close_to_scale(out, ref, rel=1e-4):
     assert np.abs(out - ref).max() <= rel * np.abs(ref).max()
 
 
+def assert_reference_logits(out, name, image, weights, rel=1e-4):
+    """(C, h, w) logits `out` of network case `name` are the float64 PyTorch reference's (tests/golden/)
+    within `rel` of their largest magnitude (on the rows and columns the file keeps)."""
+    ref, step = golden_logits(name, image, weights)
+    assert_close_to_scale(out[:, ::step, ::step], ref, rel)
+
+
 @pytest.mark.parametrize("size", [(37, 45), (1, 1), (8, 9), (375, 500)])
 def test_logits_match_reference(onnx_model, weights, size):
     image = natural_image(*size, seed=sum(size))
-    assert_close_to_scale(run(onnx_model, image), torch_logits(weights, image))
+    assert_reference_logits(run(onnx_model, image), f"{size[0]}x{size[1]} seed {sum(size)}", image, weights)
 
 
 def test_caffe_rounding_gives_papers_sizes(onnx_model):
@@ -42,7 +50,7 @@ def test_pad_to_pads_with_the_mean(onnx_model, weights):
     image = natural_image(50, 70, seed=3)
     out = run(onnx_model, image, pad_to=(97, 97))
     assert out.shape == (21, 13, 13)
-    assert_close_to_scale(out, torch_logits(weights, image, pad_to=(97, 97)))
+    assert_reference_logits(out, "50x70 seed 3 padded to 97x97", image, weights)
     # Padding with the mean is padding with zeros after subtraction: not the same as padding pixels with 0.
     black = np.zeros((97, 97, 3), np.uint8)
     black[:50, :70] = image
@@ -84,19 +92,21 @@ def test_float16_graph_keeps_io_types(fp16_model, weights, device):
     model = onnx.load(str(fp16_model))
     assert any(t.data_type == onnx.TensorProto.FLOAT16 for t in model.graph.initializer)
     image = natural_image(41, 53, seed=5)
-    out, ref = session.run(image[None])["logits"][0], torch_logits(weights, image)
-    assert_close_to_scale(out, ref, rel=2e-2)
+    out = session.run(image[None])["logits"][0]
+    assert_reference_logits(out, "41x53 seed 5", image, weights, rel=2e-2)
+    ref, _ = golden_logits("41x53 seed 5", image, weights)
     assert (out.argmax(0) == ref.argmax(0)).mean() > 0.9
 
 
 @needs_cuda
-@pytest.mark.parametrize("size", [(37, 45), (375, 500)])
-def test_cuda_logits_match_reference(onnx_model, weights, size):
-    image = natural_image(*size, seed=sum(size))
+def test_cuda_logits_match_reference(onnx_model, weights):
     session = open_session(onnx_model, "cuda")
     assert session.provider == "CUDAExecutionProvider"
-    # As tight as on the CPU: the CUDA session computes float32 in float32 (no TF32).
-    assert_close_to_scale(session.run(image[None])["logits"][0], torch_logits(weights, image))
+    for size in [(37, 45), (375, 500)]:
+        image = natural_image(*size, seed=sum(size))
+        # As tight as on the CPU: the CUDA session computes float32 in float32 (no TF32).
+        assert_reference_logits(session.run(image[None])["logits"][0], f"{size[0]}x{size[1]} seed {sum(size)}",
+                                image, weights)
 
 
 def test_check_weights_reports_missing_layers(weights):
@@ -123,12 +133,13 @@ def test_check_weights_accepts_legacy_bias_shape(weights):
     assert checked["fc7"][1].shape == (1024,)
 
 
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=needs_cuda)])
-@pytest.mark.parametrize("size,pad_to", [((37, 45), None), ((1, 1), None), ((30, 52), (65, 70))])
-def test_probs_and_labels_in_the_graph(probs_model, size, pad_to, device):
+PROBS_CASES = [((37, 45), None), ((1, 1), None), ((30, 52), (65, 70))]  # (size, pad_to)
+
+
+def assert_probs_and_labels(session, size, pad_to):
+    """The graph's probs and labels outputs are the softmax and argmax of its upsampled logits."""
     from reference import caffe_interp
 
-    session = open_session(probs_model, device)
     out = session.run(natural_image(*size, seed=9)[None], pad_to, ("logits", "probs", "labels"))
     logits, probs, labels = (out[name][0] for name in ("logits", "probs", "labels"))
     scores = caffe_interp(logits, *size).astype(np.float64)
@@ -136,3 +147,15 @@ def test_probs_and_labels_in_the_graph(probs_model, size, pad_to, device):
     assert probs.shape == (21, *size) and labels.shape == size and labels.dtype == np.uint8
     assert np.abs(probs - expected).max() < 1e-5
     assert (labels == expected.argmax(0)).mean() > 0.999
+
+
+@pytest.mark.parametrize("size,pad_to", PROBS_CASES)
+def test_probs_and_labels_in_the_graph(probs_model, size, pad_to):
+    assert_probs_and_labels(open_session(probs_model, "cpu"), size, pad_to)
+
+
+@needs_cuda
+def test_probs_and_labels_in_the_graph_on_cuda(probs_model):
+    session = open_session(probs_model, "cuda")
+    for size, pad_to in PROBS_CASES:
+        assert_probs_and_labels(session, size, pad_to)

@@ -7,10 +7,11 @@ import cv2
 import numpy as np
 import pytest
 
-from conftest import natural_image, needs_cuda
+from conftest import needs_cuda
 from deeplab_cli import pipeline, stages
 from deeplab_cli.inputs import Job, collect
 from deeplab_cli.runtime import open_session
+from deeplab_cli.synthetic import natural_image
 
 
 def run(folder, session, out, **options):

@@ -22,12 +22,12 @@ ray = pytest.importorskip("ray")
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:ray.data.context")
 
 import deeplab_cli  # noqa: E402
-from conftest import natural_image  # noqa: E402
 from deeplab_cli import pipeline, ray_engine, stages  # noqa: E402
 from deeplab_cli.crf import CRFParams  # noqa: E402
 from deeplab_cli.errors import RuntimeSetupError, UsageError  # noqa: E402
 from deeplab_cli.inputs import collect  # noqa: E402
 from deeplab_cli.runtime import open_session  # noqa: E402
+from deeplab_cli.synthetic import natural_image  # noqa: E402
 
 RAY = [sys.executable, "-m", "ray.scripts.scripts"]  # the `ray` command of this interpreter's Ray
 # Both nodes and this process agree: no token auth, no usage reporting.

@@ -7,8 +7,8 @@ from pathlib import Path
 import cv2
 import pytest
 
-from conftest import natural_image
 from deeplab_cli import registry
+from deeplab_cli.synthetic import natural_image
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 

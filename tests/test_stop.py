@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import children_of, natural_image
+from conftest import children_of
 from deeplab_cli import stop
+from deeplab_cli.synthetic import natural_image
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 COUNT, SIZE = 8, (160, 200)

@@ -205,8 +205,9 @@ def _pydensecrf(image: np.ndarray, probs: np.ndarray, params: CRFParams) -> np.n
 
 
 def _unary(probs: np.ndarray) -> np.ndarray:
-    """(C, H, W) probabilities -> (C, H*W) C-contiguous float32 -log p, built in one buffer."""
-    unary = np.maximum(probs.reshape(probs.shape[0], -1), MIN_PROB, dtype=np.float32, order="C")
-    np.log(unary, out=unary)
+    """(C, H, W) probabilities -> (C, H*W) C-contiguous float32 -log max(p, tiny), the engine's numbers."""
+    from deeplab_cli.meanfield import log_probs
+
+    unary = log_probs(probs)
     np.negative(unary, out=unary)
     return unary

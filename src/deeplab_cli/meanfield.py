@@ -1,6 +1,6 @@
 """The fully connected CRF's mean field, bit-identical to pydensecrf2 1.1 with DeepLab's settings.
 
-Same model as `deeplab_cli.crf.dense_crf`: unary -log max(p, float32 tiny), a Gaussian kernel
+Same model as `deeplab_cli.crf.dense_crf`: unary -log max(p, float32 tiny) (`log_probs`), a Gaussian kernel
 (sxy = pos_xy_std, Potts weight pos_w) and a bilateral kernel (sxy = bi_xy_std, srgb = bi_rgb_std,
 Potts weight bi_w) on the RGB image, DIAG_KERNEL, NORMALIZE_AFTER, `iters` iterations. Every float32
 operation is pydensecrf's, in its order: the lattices come from `deeplab_cli.lattice`, splat, blur and
@@ -222,11 +222,11 @@ class _Start:
         self.has_initial_q = False
 
     def run(self, threads: int, initial_q: bool) -> None:
-        """neg_unary = log max(p, tiny) in padded rows (numpy's float32 log on a contiguous array,
-        as crf._unary does) and, if `initial_q` (rows of all pixels), rows = softmax(-unary)."""
+        """neg_unary = log max(p, tiny) in padded rows (`log_probs`' numbers) and, if `initial_q`
+        (rows of all pixels), rows = softmax(-unary)."""
         n = self.height * self.width
         np.maximum(self.probs.reshape(self.n_labels, n), _MIN_PROB, out=self.log_p)
-        np.log(self.log_p, out=self.log_p)
+        parallel_for(_log_columns, n, threads, self.log_p)
         parallel_for(_pad_rows, n, threads, self.log_p, self.neg_unary)
         if initial_q:
             _run_pass(self, threads, self.no_out, False)
@@ -363,6 +363,73 @@ def _filter(q: np.ndarray, kernels: Kernels, pairs: tuple[tuple[np.ndarray, np.n
         if b_on:
             b_source, b_target = b_target, b_source
     return g_source, b_source
+
+
+def log_probs(probs: np.ndarray) -> np.ndarray:
+    """(C, H, W) probabilities -> (C, H*W) float32 log max(p, float32 tiny): the CRF's -unary.
+
+    The log is cephes' logf (as Eigen's plog has it) in float32 operations of a fixed order, so the
+    unary, and with it the CRF, is the same on every CPU and numpy release; numpy's float32 log is
+    not (its SIMD code differs by instruction set, by up to 4 ulp here, against 0.8 for this one).
+    NaN stays NaN and +inf stays inf.
+    """
+    values = np.maximum(probs.reshape(probs.shape[0], -1), _MIN_PROB, dtype=np.float32, order="C")
+    _log_columns(0, values.shape[1], values)
+    return values
+
+
+# cephes logf: log x = log m + e log 2 for x = m 2^e, m in [sqrt(1/2), sqrt(2)), with a degree-9
+# polynomial in m - 1 and log 2 split in two so that e log 2 adds no rounding.
+_SQRT_HALF = np.float32(0.707106781186547524)
+_LOG_P = tuple(np.float32(c) for c in (7.0376836292e-2, -1.1514610310e-1, 1.1676998740e-1, -1.2420140846e-1,
+                                       1.4249322787e-1, -1.6668057665e-1, 2.0000714765e-1, -2.4999993993e-1,
+                                       3.3333331174e-1))
+_L0, _L1, _L2, _L3, _L4, _L5, _L6, _L7, _L8 = _LOG_P
+_LOG2_LOW = np.float32(-2.12194440e-4)
+_LOG2_HIGH = np.float32(0.693359375)
+_ONE = np.float32(1)
+_HALF = np.float32(0.5)
+_FLOAT32_MAX = np.float32(np.finfo(np.float32).max)
+
+
+@njit(cache=True, nogil=True)
+def _log_columns(lo, hi, values):
+    """values[:, lo:hi] (C, N) float32, each a normal float32 (>= tiny), NaN or inf, = their cephes logf,
+    in place. The exponent and mantissa are read from the bits (exact); the rest is float32 arithmetic."""
+    bits = values.view(np.int32)
+    mantissa_bits = np.empty(CHUNK, np.int32)
+    mantissa = mantissa_bits.view(np.float32)
+    exponent = np.empty(CHUNK, np.float32)
+    for start in range(lo, hi, CHUNK):
+        stop = min(hi, start + CHUNK)
+        for c in range(values.shape[0]):
+            for i in range(start, stop):
+                b = bits[c, i]
+                mantissa_bits[i - start] = (b & 0x7FFFFF) | 0x3F000000  # in [0.5, 1)
+                exponent[i - start] = np.float32((b >> 23) - 126)
+            for i in range(start, stop):
+                x = values[c, i]
+                if not x <= _FLOAT32_MAX:  # NaN or inf: log keeps them
+                    continue
+                m, e = mantissa[i - start], exponent[i - start]
+                if m < _SQRT_HALF:
+                    e = e - _ONE
+                    m = (m + m) - _ONE
+                else:
+                    m = m - _ONE
+                z = m * m
+                y = _L0 * m + _L1
+                y = y * m + _L2
+                y = y * m + _L3
+                y = y * m + _L4
+                y = y * m + _L5
+                y = y * m + _L6
+                y = y * m + _L7
+                y = y * m + _L8
+                y = y * m * z
+                y = y + _LOG2_LOW * e
+                y = y - _HALF * z
+                values[c, i] = (m + y) + _LOG2_HIGH * e
 
 
 @njit(cache=True, nogil=True)

@@ -1,0 +1,64 @@
+"""Writes tests/golden/ from the independent references: pydensecrf's marginals (crf.json) and the PyTorch
+network's logits and end-to-end labels (network.json, network.npz), on tests/golden_cases.py's inputs.
+
+Run where the crosscheck extra is installed (torch, pydensecrf2), from anywhere:
+
+    python tests/golden/make_golden.py
+
+tests/test_golden.py's crosscheck tests recompute every record there and compare it with the files.
+"""
+
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: golden_cases, reference, conftest
+
+import golden_cases as cases  # noqa: E402
+from deeplab_cli.crf import CRFParams  # noqa: E402
+from deeplab_cli.synthetic import random_weights  # noqa: E402
+from reference import deeplab_labels, pydensecrf_marginals, torch_logits  # noqa: E402
+
+
+def crf_record(make):
+    """crf.json's record of one case, from pydensecrf; the symmetric case also says how far it is from
+    the normalisation after filtering."""
+    image, probs, changes, normalization = make()
+    q = pydensecrf_marginals(image, probs, CRFParams(**changes), normalization)
+    record = cases.crf_record(image, probs, q)
+    if normalization != "after":
+        after = pydensecrf_marginals(image, probs, CRFParams(**changes))
+        record["max_abs_dq_from_after"] = round(float(np.abs(q - after).max()), 3)
+    return record
+
+
+def network_golden(weights):
+    """(network.json's dict, network.npz's arrays): logits per network case, labels per labels case."""
+    meta = {"weights": cases.sha256(*[a for pair in weights.values() for a in pair]), "images": {}}
+    arrays = {}
+    for name, (image, pad_to) in cases.network_cases().items():
+        step = cases.SUBSAMPLE.get(name, 1)
+        arrays[name] = torch_logits(weights, image, pad_to)[:, ::step, ::step].copy()
+        meta["images"][name] = cases.sha256(image)
+    with tempfile.TemporaryDirectory() as folder:
+        for name, (image, crf, pad_to) in cases.label_cases(Path(folder)).items():
+            arrays[name] = deeplab_labels(weights, image, crf=crf, pad_to=pad_to)
+            meta["images"][name] = cases.sha256(image)
+    return meta, arrays
+
+
+def main():
+    crf = {"reference": "pydensecrf2 1.1", "cases": {name: crf_record(make)
+                                                    for name, make in cases.crf_cases().items()}}
+    cases.CRF_FILE.write_text(json.dumps(crf, indent=1) + "\n")
+    meta, arrays = network_golden(random_weights(seed=0))
+    meta["reference"] = "tests/reference.py: PyTorch 2.13.0 CPU, float64; labels with pydensecrf2 1.1"
+    cases.NETWORK_FILE.write_text(json.dumps(meta, indent=1) + "\n")
+    np.savez_compressed(cases.NETWORK_ARRAYS, **arrays)
+
+
+if __name__ == "__main__":
+    main()
