@@ -17,8 +17,14 @@ BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))  # spawned CRF workers inherit sys.path, so they find `run` too
 import run as bench  # noqa: E402
 
-# The baselines are pydensecrf's, as the targets are stated against it.
-needs_pydensecrf = pytest.mark.skipif(importlib.util.find_spec("pydensecrf") is None, reason="pydensecrf is not installed")
+
+def needs_pydensecrf(test):
+    """The baselines are pydensecrf's, as the targets are stated against it: such tests run with the
+    cross-checks (`pytest -m crosscheck`) and skip where pydensecrf is not installed."""
+    missing = importlib.util.find_spec("pydensecrf") is None
+    return pytest.mark.crosscheck(pytest.mark.skipif(missing, reason="pydensecrf is not installed")(test))
+
+
 SMALL = ["--images", "3", "--rounds", "1", "--size", "80x64", "--tune-images", "1", "--tune-sizes", "64x48,56x48",
          "--tune-rounds", "2"]
 
