@@ -1,4 +1,4 @@
-"""Big images and bounded memory (issue 12): the way back to the image's size, today's full map against bands.
+"""Big images and bounded memory: the way back to the image's size, today's full map against bands.
 
     PYTHONPATH=src python benchmarks/bigimage.py             # 24 MP JPEG and 400 MP PNG: ~3 min on 2 cores
     PYTHONPATH=src python benchmarks/bigimage.py --cli       # plus `deeplab segment -j 0` (CRF on) on each

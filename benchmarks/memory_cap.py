@@ -1,4 +1,4 @@
-"""A default `deeplab segment` over 24-megapixel photos inside a real memory cgroup (issue 12): every mask
+"""A default `deeplab segment` over 24-megapixel photos inside a real memory cgroup: every mask
 written, nothing killed, the cap reported when it bites.
 
     sudo PYTHONPATH=src python benchmarks/memory_cap.py [--images 4] [--limits 3G 1G]   # ~3 min on 2 cores

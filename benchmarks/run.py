@@ -1,5 +1,6 @@
 """Throughput of `deeplab segment` side by side with a serial baseline, a PyTorch eager port, and the
-machine's own matrix-multiply rate (issue 5). Random weights of the real shapes, VOC-sized images.
+machine's own matrix-multiply rate. Random weights of the real shapes, VOC-sized images. Needs the
+references (`pip install ".[cpu,test,crosscheck]"`: PyTorch and pydensecrf) beside the package.
 
     PYTHONPATH=src python benchmarks/run.py --markdown BENCHMARKS.md     # 8 images, 3 rounds: 15-25 min on 2 cores
 
@@ -7,7 +8,7 @@ Rows, all over the same N images, warm-up excluded (with --rounds R: each row R 
 - `deeplab segment` as a subprocess (CRF on, and --no-crf). Start-up and model load are measured by a
   1-image run; steady state is (N - 1) / (t_N - t_1), which for a pipelined runner is its period.
 - the serial baseline: one process, one onnxruntime session, upsampling, softmax, pydensecrf, argmax, PNG.
-- a PyTorch eager pipeline of the same network and the same CRF (torch is a benchmark-only dependency).
+- a PyTorch eager pipeline of the same network and the same CRF.
 - the network alone, as GFLOP/s from the analytic FLOP count, against numpy's float32 matmul rate.
 - `deeplab crf tune` over its default grid with pydensecrf and numba, on 2 images at 500x375 (the
   target's) and at 160x120 (reported only), the fastest of 2 runs each (--tune-rounds), the backends
