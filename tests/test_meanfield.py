@@ -148,7 +148,8 @@ def float32_sweep():
     included), and the bounds: from float32 tiny to 1 and a little over."""
     bits = np.arange(np.float32(np.finfo(np.float32).tiny).view(np.int32), np.float32(2).view(np.int32), 4097,
                      dtype=np.int32)
-    special = np.float32([np.finfo(np.float32).tiny, 1, 0.5, np.sqrt(0.5), np.nextafter(np.float32(np.sqrt(0.5)), 0)])
+    root_half = np.float32(np.sqrt(0.5))
+    special = np.float32([np.finfo(np.float32).tiny, 1, 0.5, root_half, np.nextafter(root_half, np.float32(0))])
     return np.concatenate([bits.view(np.float32), special])
 
 
