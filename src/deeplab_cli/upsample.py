@@ -171,32 +171,62 @@ def _resize_band(src, rows_lo, rows_hi, rows_w_lo, rows_w_hi, cols_lo, cols_hi, 
 
 
 def _label_band(src, rows_lo, rows_hi, rows_w_lo, rows_w_hi, cols_lo, cols_hi, cols_w_lo, cols_w_hi,
-                winner, mixed, y0, out):
+                winner, mixed, candidates, slack, y0, out):
     """out (r, W) uint8 = labels of rows y0 .. y0 + r: the cell's winner where one class wins the whole
-    cell, elsewhere the first class of largest value, each value computed as `_resize_band` does."""
-    channels = src.shape[0]
+    cell, elsewhere the first class of largest value among the cell's candidates (no other class can
+    reach it, nor tie), each value computed as `_resize_band` does. src (h, w, C) and candidates
+    (hc, wc, C) are class-minor, so that one pixel's classes sit side by side in memory; slack
+    (float32): twice the rounding margin.
+
+    Rows that mix the same two source rows form a run, and within a run a column's values lie between
+    its two horizontal results (up to rounding): where one class's smaller result beats every other
+    class's larger one by the slack, it wins the whole column of the run, with no vertical pass.
+    """
+    channels = src.shape[2]
     count, width = out.shape
     cell_rows, cell_cols = winner.shape
-    for i in range(count):
-        y = y0 + i
-        cell_row = min(rows_lo[y], cell_rows - 1)
-        r_lo, r_hi = rows_lo[y], rows_hi[y]
-        w_lo, w_hi = rows_w_lo[y], rows_w_hi[y]
+    above = np.empty(channels, np.float32)
+    below = np.empty(channels, np.float32)
+    start = 0
+    while start < count:
+        r_lo, r_hi = rows_lo[y0 + start], rows_hi[y0 + start]
+        stop = start + 1
+        while stop < count and rows_lo[y0 + stop] == r_lo and rows_hi[y0 + stop] == r_hi:
+            stop += 1
+        cell_row = min(r_lo, cell_rows - 1)
         for x in range(width):
             cell_col = min(cols_lo[x], cell_cols - 1)
             if not mixed[cell_row, cell_col]:
-                out[i, x] = winner[cell_row, cell_col]
+                for i in range(start, stop):
+                    out[i, x] = winner[cell_row, cell_col]
                 continue
             c_lo, c_hi = cols_lo[x], cols_hi[x]
             x_lo, x_hi = cols_w_lo[x], cols_w_hi[x]
-            best_class, best = 0, np.float32(0)
+            sole, sole_low = -1, np.float32(0)
             for c in range(channels):
-                above = src[c, r_lo, c_lo] * x_lo + src[c, r_lo, c_hi] * x_hi
-                below = src[c, r_hi, c_lo] * x_lo + src[c, r_hi, c_hi] * x_hi
-                value = above * w_lo + below * w_hi
-                if c == 0 or value > best:  # strictly greater: the first class wins ties
-                    best_class, best = c, value
-            out[i, x] = best_class
+                if candidates[cell_row, cell_col, c]:
+                    above[c] = src[r_lo, c_lo, c] * x_lo + src[r_lo, c_hi, c] * x_hi
+                    below[c] = src[r_hi, c_lo, c] * x_lo + src[r_hi, c_hi, c] * x_hi
+                    low = min(above[c], below[c])
+                    if sole < 0 or low > sole_low:
+                        sole, sole_low = c, low
+            for c in range(channels):
+                if c != sole and candidates[cell_row, cell_col, c] and max(above[c], below[c]) >= sole_low - slack:
+                    sole = -1
+                    break
+            for i in range(start, stop):
+                if sole >= 0:
+                    out[i, x] = sole
+                    continue
+                w_lo, w_hi = rows_w_lo[y0 + i], rows_w_hi[y0 + i]
+                best_class, best = -1, np.float32(0)
+                for c in range(channels):
+                    if candidates[cell_row, cell_col, c]:
+                        value = above[c] * w_lo + below[c] * w_hi
+                        if best_class < 0 or value > best:  # strictly greater: the first class wins ties
+                            best_class, best = c, value
+                out[i, x] = best_class
+        start = stop
 
 
 @functools.cache
@@ -243,9 +273,10 @@ def _checked(probs: np.ndarray, height: int, width: int, contiguous: bool = True
     return probs
 
 
-def _cells(probs: np.ndarray, margin: float) -> tuple[np.ndarray, np.ndarray]:
+def _cells(probs: np.ndarray, margin: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per cell (2x2 source pixels; a 1-pixel side stays 1): (winner (hc, wc) uint8, the class whose
-    smallest value is largest; mixed (hc, wc) bool, where another class can still win a pixel)."""
+    smallest value is largest; mixed (hc, wc) bool, where another class can still win a pixel;
+    candidates (C, hc, wc) bool, the classes that can win a pixel of the cell)."""
     low, high = probs, probs
     if probs.shape[1] > 1:
         low, high = np.minimum(low[:, :-1], low[:, 1:]), np.maximum(high[:, :-1], high[:, 1:])
@@ -253,8 +284,9 @@ def _cells(probs: np.ndarray, margin: float) -> tuple[np.ndarray, np.ndarray]:
         low, high = np.minimum(low[:, :, :-1], low[:, :, 1:]), np.maximum(high[:, :, :-1], high[:, :, 1:])
     # A class can win a pixel only if its largest possible value reaches the best smallest one.
     floor = low.max(axis=0) - np.float32(2 * margin)
-    mixed = (high >= floor).sum(axis=0, dtype=np.uint16) > 1
-    return low.argmax(axis=0).astype(np.uint8), mixed
+    candidates = high >= floor
+    mixed = candidates.sum(axis=0, dtype=np.uint16) > 1
+    return low.argmax(axis=0).astype(np.uint8), mixed, candidates
 
 
 def label_bands(probs: np.ndarray, height: int, width: int,
@@ -272,12 +304,15 @@ def label_bands(probs: np.ndarray, height: int, width: int,
     probs = _checked(probs, height, width)
     geometry = _geometry(*probs.shape[1:], height, width)
     margin = _MARGIN_RELATIVE * float(np.abs(probs).max()) + _MARGIN_ABSOLUTE
-    winner, mixed = _cells(probs, margin)
+    winner, mixed, candidates = _cells(probs, margin)
+    slack = np.float32(2 * margin)
+    class_minor = np.ascontiguousarray(probs.transpose(1, 2, 0))
+    candidates = np.ascontiguousarray(candidates.transpose(1, 2, 0))
     per_band = max(1, band_bytes // width)
     label_band = _compiled(_label_band)
     for y0 in range(0, height, per_band):
         band = np.empty((min(per_band, height - y0), width), np.uint8)
-        label_band(probs, *geometry, winner, mixed, y0, band)
+        label_band(class_minor, *geometry, winner, mixed, candidates, slack, y0, band)
         yield y0, band
 
 
