@@ -213,7 +213,8 @@ class _Start:
         self.row_width = -(-self.n_labels // LANES) * LANES
         self.seq = self.n_labels <= 2  # pydensecrf filters one or two labels with seqCompute
         self.ws = ws
-        self.log_p = ws.take("log_p", (self.n_labels, n))
+        self.p_floor = ws.take("p_floor", (self.n_labels, n))  # max(p, tiny)
+        self.log_p = ws.take("log_p", (self.n_labels, n))  # its log: out of place, which vectorises
         self.neg_unary = ws.take("neg_unary", (n, self.row_width))
         # Rows of all pixels to gather from, or a chunk's rows that the pass splats as it goes.
         self.gather = threads > 1 or n * self.row_width * 4 <= _CACHED_BYTES
@@ -225,8 +226,8 @@ class _Start:
         """neg_unary = log max(p, tiny) in padded rows (`log_probs`' numbers) and, if `initial_q`
         (rows of all pixels), rows = softmax(-unary)."""
         n = self.height * self.width
-        np.maximum(self.probs.reshape(self.n_labels, n), _MIN_PROB, out=self.log_p)
-        parallel_for(_log_columns, n, threads, self.log_p)
+        np.maximum(self.probs.reshape(self.n_labels, n), _MIN_PROB, out=self.p_floor)
+        parallel_for(_log_columns, n, threads, self.p_floor, self.log_p)
         parallel_for(_pad_rows, n, threads, self.log_p, self.neg_unary)
         if initial_q:
             _run_pass(self, threads, self.no_out, False)
@@ -374,8 +375,9 @@ def log_probs(probs: np.ndarray) -> np.ndarray:
     NaN stays NaN and +inf stays inf.
     """
     values = np.maximum(probs.reshape(probs.shape[0], -1), _MIN_PROB, dtype=np.float32, order="C")
-    _log_columns(0, values.shape[1], values)
-    return values
+    out = np.empty_like(values)
+    _log_rows(values, out)
+    return out
 
 
 # cephes logf: log x = log m + e log 2 for x = m 2^e, m in [sqrt(1/2), sqrt(2)), with a degree-9
@@ -389,47 +391,50 @@ _LOG2_LOW = np.float32(-2.12194440e-4)
 _LOG2_HIGH = np.float32(0.693359375)
 _ONE = np.float32(1)
 _HALF = np.float32(0.5)
+_MANTISSA_UNIT = np.float32(2.0 ** -24)
 _FLOAT32_MAX = np.float32(np.finfo(np.float32).max)
 
 
+@njit(cache=True, nogil=True, inline="always")
+def _log_span(source, lo, hi, out):
+    """out[:hi - lo] = cephes logf of source[lo:hi]: a 1-D float32 array of normal values (>= tiny),
+    NaN or inf. Exponent and mantissa come from the bits, exactly; the rest is float32 arithmetic,
+    written with selects rather than branches so that the loop vectorises."""
+    bits = source.view(np.int32)
+    for i in range(lo, hi):
+        b = bits[i]
+        m = np.float32(b & 0x7FFFFF) * _MANTISSA_UNIT + _HALF  # in [0.5, 1), exact
+        e = np.float32((b >> 23) - 126)
+        small = m < _SQRT_HALF
+        e = e - _ONE if small else e
+        m = (m + m) - _ONE if small else m - _ONE
+        z = m * m
+        y = _L0 * m + _L1
+        y = y * m + _L2
+        y = y * m + _L3
+        y = y * m + _L4
+        y = y * m + _L5
+        y = y * m + _L6
+        y = y * m + _L7
+        y = y * m + _L8
+        y = y * m * z
+        y = y + _LOG2_LOW * e
+        y = y - _HALF * z
+        x = source[i]
+        out[i - lo] = (m + y) + _LOG2_HIGH * e if x <= _FLOAT32_MAX else x  # NaN and inf keep their value
+
+
 @njit(cache=True, nogil=True)
-def _log_columns(lo, hi, values):
-    """values[:, lo:hi] (C, N) float32, each a normal float32 (>= tiny), NaN or inf, = their cephes logf,
-    in place. The exponent and mantissa are read from the bits (exact); the rest is float32 arithmetic."""
-    bits = values.view(np.int32)
-    mantissa_bits = np.empty(CHUNK, np.int32)
-    mantissa = mantissa_bits.view(np.float32)
-    exponent = np.empty(CHUNK, np.float32)
-    for start in range(lo, hi, CHUNK):
-        stop = min(hi, start + CHUNK)
-        for c in range(values.shape[0]):
-            for i in range(start, stop):
-                b = bits[c, i]
-                mantissa_bits[i - start] = (b & 0x7FFFFF) | 0x3F000000  # in [0.5, 1)
-                exponent[i - start] = np.float32((b >> 23) - 126)
-            for i in range(start, stop):
-                x = values[c, i]
-                if not x <= _FLOAT32_MAX:  # NaN or inf: log keeps them
-                    continue
-                m, e = mantissa[i - start], exponent[i - start]
-                if m < _SQRT_HALF:
-                    e = e - _ONE
-                    m = (m + m) - _ONE
-                else:
-                    m = m - _ONE
-                z = m * m
-                y = _L0 * m + _L1
-                y = y * m + _L2
-                y = y * m + _L3
-                y = y * m + _L4
-                y = y * m + _L5
-                y = y * m + _L6
-                y = y * m + _L7
-                y = y * m + _L8
-                y = y * m * z
-                y = y + _LOG2_LOW * e
-                y = y - _HALF * z
-                values[c, i] = (m + y) + _LOG2_HIGH * e
+def _log_rows(values, out):
+    """out (C, N) float32 = `_log_span` of each row of values (C, N) float32."""
+    _log_columns(0, values.shape[1], values, out)
+
+
+@njit(cache=True, nogil=True)
+def _log_columns(lo, hi, values, out):
+    """out[:, lo:hi] = `_log_span` of values[:, lo:hi], both (C, N) float32."""
+    for c in range(values.shape[0]):
+        _log_span(values[c], lo, hi, out[c, lo:hi])
 
 
 @njit(cache=True, nogil=True)
