@@ -255,13 +255,13 @@ def blur_pair(lo, hi, axis, split, g_values, g_blurred, g_neighbours, b_values, 
 
 
 @njit(cache=True, nogil=True, inline="always")
-def _blur(lo, hi, axis, values, blurred, neighbours, seq):
+def _blur(lo, hi, axis, values, blurred, adjacent, seq):
     """blurred = v + 0.5 * (v[n1] + v[n2]) along one axis for points lo..hi-1, in float32
     (sseCompute) or with seqCompute's double 0.5. values, blurred: (M+1, W) float32, row 0 zero;
-    neighbours: (d+1, M, 2) int32, -1 for none (row 0)."""
+    adjacent: the lattice's neighbours, (d+1, M, 2) int32, -1 for none (row 0)."""
     for p in range(lo, hi):
-        n1 = neighbours[axis, p, 0] + 1
-        n2 = neighbours[axis, p, 1] + 1
+        n1 = adjacent[axis, p, 0] + 1
+        n2 = adjacent[axis, p, 1] + 1
         if seq:
             for k in range(values.shape[1]):
                 blurred[p + 1, k] = np.float32(np.float64(values[p + 1, k])
