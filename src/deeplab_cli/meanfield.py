@@ -376,7 +376,7 @@ def log_probs(probs: np.ndarray) -> np.ndarray:
     """
     values = np.maximum(probs.reshape(probs.shape[0], -1), _MIN_PROB, dtype=np.float32, order="C")
     out = np.empty_like(values)
-    _log_rows(values, out)
+    _log_columns(0, values.shape[1], values, out)
     return out
 
 
@@ -422,12 +422,6 @@ def _log_span(source, lo, hi, out):
         y = y - _HALF * z
         x = source[i]
         out[i - lo] = (m + y) + _LOG2_HIGH * e if x <= _FLOAT32_MAX else x  # NaN and inf keep their value
-
-
-@njit(cache=True, nogil=True)
-def _log_rows(values, out):
-    """out (C, N) float32 = `_log_span` of each row of values (C, N) float32."""
-    _log_columns(0, values.shape[1], values, out)
 
 
 @njit(cache=True, nogil=True)
