@@ -21,6 +21,10 @@ A row that cannot allocate its memory (its address space is capped at what the m
 it fails with MemoryError rather than meeting the OOM killer) reports the error instead of a time.
 "Agree" is the share of pixels whose labels equal the full map's (where it could not be made, the
 column reference's), or of equal values in the two probs.npz files.
+
+`--json FILE` keeps the measurements ('-': on stdout, the table then on stderr); `--markdown FILE`
+writes the table between the `bigimage` markers of FILE, leaving the rest of it as it is
+(benchmarks/render.py).
 """
 
 from __future__ import annotations
@@ -36,6 +40,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+import render  # benchmarks/render.py, beside this script
 
 HERE = Path(__file__).resolve().parent
 IMAGES = {"24 MP JPEG": ("photo.jpg", (4000, 6000)), "400 MP PNG": ("scan.png", (20000, 20000))}
@@ -55,7 +61,7 @@ def status_mb(field: str) -> float:
 
 def cap_address_space() -> None:
     """Fail allocations beyond what the machine has free with MemoryError, instead of an OOM kill."""
-    from deeplab_cli.memory import available_memory
+    from deeplab_cli.run.memory import available_memory
 
     free = available_memory()
     if free is not None:
@@ -64,11 +70,11 @@ def cap_address_space() -> None:
 
 
 def child(step: str, args: list[str]) -> dict:
-    import cv2  # noqa: F401  (imported before the baseline, as deeplab_cli.stages has it)
+    import cv2  # noqa: F401  (imported before the baseline, as deeplab_cli.run.stages has it)
 
-    from deeplab_cli import outputs
-    from deeplab_cli.images import load_image, resize_for_network
-    from deeplab_cli.upsample import caffe_interp, labels_at_size, labels_from_scores, prob_chunks, resize_probs, softmax
+    from deeplab_cli.io import outputs
+    from deeplab_cli.io.images import load_image, resize_for_network
+    from deeplab_cli.model.upsample import caffe_interp, labels_at_size, labels_from_scores, prob_chunks, resize_probs, softmax
 
     cap_address_space()
     if step == "decode":
@@ -77,7 +83,7 @@ def child(step: str, args: list[str]) -> dict:
         image = load_image(args[0])
         return {"seconds": time.perf_counter() - start, "baseline": baseline, "shape": list(image.shape)}
     if step == "probs":
-        from deeplab_cli.runtime import open_session
+        from deeplab_cli.model.runtime import open_session
 
         image_path, model, out = args
         small = resize_for_network(load_image(image_path), 513)
@@ -241,29 +247,19 @@ def cli_row(image: Path, model: Path, out: Path) -> dict:
             "timings": results[0].get("timings", {}) if results else {}}
 
 
-def table(rows: list[list[str]]) -> str:
-    header = ["image", "step", "time", "peak RSS", "rise", "agree", "note"]
-    widths = [max(len(str(r[i])) for r in rows + [header]) for i in range(len(header))]
-    line = lambda cells: "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
-    return "\n".join([line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [line(r) for r in rows])
+def measured_row(image: str, step: str, result: dict, agree: float | None = None, note: str = "") -> dict:
+    """A row's data for benchmarks/render.py: seconds, peak and baseline resident MB (or the error)."""
+    return {"image": image, "step": step, "seconds": result.get("seconds"), "peak": result.get("peak"),
+            "baseline": result.get("baseline"), "agree": agree, "note": note, "error": result.get("error")}
 
 
-def describe(image: str, step: str, result: dict, agree: float | None = None, note: str = "") -> list[str]:
-    if result.get("error"):
-        return [image, step, "failed", f"{result.get('peak', float('nan')):,.0f} MB", "", "", str(result["error"])[:90]]
-    rise = result["peak"] - result["baseline"] if "baseline" in result else float("nan")
-    agreed = "" if agree is None else f"{100 * agree:.4f} %"
-    return [image, step, f"{result['seconds']:.2f} s", f"{result['peak']:,.0f} MB",
-            "" if rise != rise else f"{rise:,.0f} MB", agreed, note]
-
-
-def label_rows(name: str, image: Path, size: tuple[int, int], model: Path, work: Path) -> list[list[str]]:
+def label_rows(name: str, image: Path, size: tuple[int, int], model: Path, work: Path) -> list[dict]:
     """Decode, probabilities, then the three ways to labels, each checked against the first one made."""
     file_size = f"{image.stat().st_size / 1e6:,.0f} MB file"
-    rows = [describe(name, "decode", run_child("decode", image), note=file_size)]
+    rows = [measured_row(name, "decode", run_child("decode", image), note=file_size)]
     probs = work / f"{image.stem}.probs.npy"
     result = run_child("probs", image, model, probs)
-    rows.append(describe(name, "network + softmax (513)", result, note=f"probs {tuple(result.get('shape', ()))}"))
+    rows.append(measured_row(name, "network + softmax (513)", result, note=f"probs {tuple(result.get('shape', ()))}"))
     saved = {}
     for step in LABEL_ROWS:
         print(f"{name}: labels, {step}", file=sys.stderr)
@@ -273,13 +269,13 @@ def label_rows(name: str, image: Path, size: tuple[int, int], model: Path, work:
         agree = None if result.get("error") or reference is None else agreement(reference, path)
         if not result.get("error"):
             saved[step] = path
-        rows.append(describe(name, LABEL_ROWS[step], result, agree))
+        rows.append(measured_row(name, LABEL_ROWS[step], result, agree))
     for path in saved.values():
         path.unlink()
     return rows
 
 
-def npz_rows(name: str, image: Path, size: tuple[int, int], work: Path) -> list[list[str]]:
+def npz_rows(name: str, image: Path, size: tuple[int, int], work: Path) -> list[dict]:
     """probs.npz written from the full map and streamed from bands; both files compared, then deleted."""
     probs, rows, written = work / f"{image.stem}.probs.npy", [], []
     for step in ("npz-full", "npz-streamed"):
@@ -290,10 +286,28 @@ def npz_rows(name: str, image: Path, size: tuple[int, int], work: Path) -> list[
         note = f"{path.stat().st_size / 1e9:.2f} GB file" if path.exists() else ""
         if path.exists():
             written.append(path)
-        rows.append(describe(name, f"probs.npz, {step.split('-')[1]}", result, agree, note))
+        rows.append(measured_row(name, f"probs.npz, {step.split('-')[1]}", result, agree, note))
     for path in written:
         path.unlink()
     return rows
+
+
+def inputs(work: Path, small: bool) -> tuple[Path, list[tuple[str, Path, tuple[int, int]]]]:
+    """The random-weights model and the images, made in `work` unless they are there already."""
+    model = work / "random.onnx"
+    if not model.exists():
+        print("building the random-weights model", file=sys.stderr)
+        make_model(model)
+    images = []
+    for seed, (name, (filename, size)) in enumerate(IMAGES.items()):
+        if small and name != "24 MP JPEG":
+            continue
+        image = work / filename
+        if not image.exists():
+            print(f"making {image.name} {size[1]}x{size[0]}", file=sys.stderr)
+            make_image(image, size, seed)
+        images.append((name, image, size))
+    return model, images
 
 
 def main() -> None:
@@ -301,42 +315,29 @@ def main() -> None:
     parser.add_argument("--small", action="store_true", help="the 24 MP JPEG only")
     parser.add_argument("--cli", action="store_true", help="also time `deeplab segment -j 0` (CRF on) per image")
     parser.add_argument("--workdir", type=Path, help="keep inputs here between runs (default: a temporary folder)")
-    parser.add_argument("--markdown", type=Path, help="also write the table to this file")
+    parser.add_argument("--json", metavar="FILE", help="also write the measurements as JSON to FILE ('-': stdout)")
+    parser.add_argument("--markdown", type=Path, metavar="FILE",
+                        help="also write the table between the `bigimage` markers of FILE, which must have them")
     options = parser.parse_args()
+    render.refuse_without_sections(parser, options.markdown, ["bigimage"])
 
     with tempfile.TemporaryDirectory(prefix="deeplab-bigimage-") as temporary:
         work = options.workdir or Path(temporary)
         work.mkdir(parents=True, exist_ok=True)
-        model = work / "random.onnx"
-        if not model.exists():
-            print("building the random-weights model", file=sys.stderr)
-            make_model(model)
-        rows: list[list[str]] = []
-        images = []
-        for seed, (name, (filename, size)) in enumerate(IMAGES.items()):
-            if options.small and name != "24 MP JPEG":
-                continue
-            image = work / filename
-            if not image.exists():
-                print(f"making {image.name} {size[1]}x{size[0]}", file=sys.stderr)
-                make_image(image, size, seed)
-            images.append((name, image, size))
+        model, images = inputs(work, options.small)
+        rows: list[dict] = []
         for name, image, _ in images if options.cli else []:
             print(f"{name}: deeplab segment", file=sys.stderr)
             result = cli_row(image, model, work / "segment-out")
-            timings = result["timings"]
-            outside = sum(timings.values()) - timings.get("network", 0) - timings.get("crf", 0)
-            stages = ", ".join(f"{k} {v:.2f}" for k, v in timings.items()) + f"; outside network + CRF {outside:.2f} s"
-            rows.append([name, "deeplab segment -j 0", f"{result['wall']:.2f} s", f"{result['peak']:,.0f} MB",
-                         "", "", str(result["error"])[:90] if result["error"] else stages])
+            rows.append({"image": name, "step": "deeplab segment -j 0", "seconds": result["wall"],
+                         "peak": result["peak"], "error": result["error"], "timings": result["timings"]})
         for name, image, size in images:
             rows += label_rows(name, image, size, model, work)
             if name == "24 MP JPEG":  # 400 MP would write 17 GB
                 rows += npz_rows(name, image, size, work)
-        report = table(rows)
-        print(report)
-        if options.markdown:
-            options.markdown.write_text(report + "\n")
+    data = {"benchmark": "bigimage", "command": render.measuring_command(sys.argv), "rows": rows}
+    print(render.bigimage_table(data), file=sys.stderr if options.json == "-" else sys.stdout)
+    render.deliver(parser, data, options.json, options.markdown)
 
 
 if __name__ == "__main__":

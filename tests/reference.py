@@ -118,7 +118,7 @@ def pydensecrf_marginals(image_rgb, probs, params, normalization="after"):
     import pytest
 
     dcrf = pytest.importorskip("pydensecrf.densecrf")
-    from deeplab_cli.meanfield import log_probs
+    from deeplab_cli.crf.meanfield import log_probs
 
     norm = {"after": dcrf.NORMALIZE_AFTER, "symmetric": dcrf.NORMALIZE_SYMMETRIC}[normalization]
     c, h, w = probs.shape

@@ -5,7 +5,7 @@ import pytest
 from caffe_writer import Conv, Layer, encode_caffemodel, write_caffemodel
 from conftest import CAFFE_DATA, LENET
 
-from deeplab_cli.caffemodel import read_caffemodel
+from deeplab_cli.model.caffemodel import read_caffemodel
 from deeplab_cli.errors import WeightsError
 
 

@@ -16,7 +16,7 @@ from PIL import Image
 
 from conftest import BAD_IMAGES, CUDA_OFFERED, GOOD_IMAGES, assert_one_line_error, children_of, needs_cuda
 from deeplab_cli.cli import cli
-from deeplab_cli.images import load_image
+from deeplab_cli.io.images import load_image
 from deeplab_cli.synthetic import natural_image
 from golden_cases import golden_labels, sha256
 
@@ -280,22 +280,23 @@ def test_unwritable_output_folder_is_a_usage_error(photo_folder, onnx_model, tmp
 
 
 def test_segment_shares_the_cores(photo_folder, onnx_model, tmp_path, monkeypatch):
-    from deeplab_cli import lanes as lanes_module
-    from deeplab_cli import runtime, scheduling
+    from deeplab_cli.run import lanes as lanes_module
+    from deeplab_cli.model import runtime
+    from deeplab_cli.run import scheduling
 
     opened, lanes = [], []
-    real_open, real_lanes = runtime.open_session, lanes_module.segment_lanes
+    real_open, real_lanes = runtime.open_session, lanes_module.segment_on_lanes
 
     def open_session(path, device, threads, spin=True):
         opened.append((threads, spin))
         return real_open(path, device, threads, spin)
 
-    def segment_lanes(jobs, model_path, settings, workers, threads):
+    def segment_on_lanes(jobs, model_path, settings, workers, threads):
         lanes.append((workers, threads))
         return real_lanes(jobs, model_path, settings, workers, threads)
 
     monkeypatch.setattr(runtime, "open_session", open_session)
-    monkeypatch.setattr(lanes_module, "segment_lanes", segment_lanes)
+    monkeypatch.setattr(lanes_module, "segment_on_lanes", segment_on_lanes)
     monkeypatch.setattr(scheduling, "usable_cores", lambda: 2)
     args = (photo_folder / "cats", "-m", onnx_model, "--device", "cpu", "--no-crf")
     assert segment(*args, "--out", tmp_path / "a").exit_code == 0
@@ -356,7 +357,7 @@ def test_a_full_disk_stops_the_batch_with_one_line_and_a_rerun_resumes(onnx_mode
 
 
 def test_an_output_disk_turned_read_only_part_way_stops_the_batch(onnx_model, small_disk, tmp_path, monkeypatch):
-    from deeplab_cli import outputs
+    from deeplab_cli.io import outputs
 
     subprocess.run(["mount", "-o", "remount,size=64m", str(small_disk)], check=True)
     real, written = outputs.write_outputs, []
@@ -380,7 +381,7 @@ def test_an_output_disk_turned_read_only_part_way_stops_the_batch(onnx_model, sm
 def test_an_injected_enospc_stops_the_batch(onnx_model, tmp_path, monkeypatch):
     import errno
 
-    from deeplab_cli import outputs
+    from deeplab_cli.io import outputs
 
     real = outputs.write_npz_streamed
 
@@ -402,7 +403,7 @@ def test_an_injected_enospc_stops_the_batch(onnx_model, tmp_path, monkeypatch):
 
 
 def test_a_folder_that_refuses_one_output_costs_only_that_image(onnx_model, tmp_path, monkeypatch):
-    from deeplab_cli import outputs
+    from deeplab_cli.io import outputs
 
     real = outputs.write_index_png
 
@@ -420,7 +421,7 @@ def test_a_folder_that_refuses_one_output_costs_only_that_image(onnx_model, tmp_
 
 
 def test_inputs_that_vanish_or_change_kind_after_listing(onnx_model, tmp_path, monkeypatch):
-    from deeplab_cli import inputs
+    from deeplab_cli.io import inputs
 
     photos = eight_photos(tmp_path / "img")
     real = inputs.collect
@@ -534,8 +535,9 @@ def test_an_image_over_the_pixel_limit_fails_alone_before_decoding(photo_folder,
 
 def test_lanes_are_capped_by_an_injected_memory_limit_and_every_mask_is_written(photo_folder, onnx_model, tmp_path,
                                                                               monkeypatch):
-    from deeplab_cli import lanes as lanes_module
-    from deeplab_cli import memory, scheduling
+    from deeplab_cli.run import lanes as lanes_module
+    from deeplab_cli.run import memory
+    from deeplab_cli.run import scheduling
     from test_memory import GB, fake_system
 
     proc, cgroup = fake_system(tmp_path / "sys", ["0::/job"], {"job/memory.max": str(GB), "job/memory.current": "0"},
@@ -544,8 +546,8 @@ def test_lanes_are_capped_by_an_injected_memory_limit_and_every_mask_is_written(
     monkeypatch.setattr(memory, "available_memory", lambda: real(proc, cgroup))  # a 1 GiB cgroup limit
     monkeypatch.setattr(scheduling, "usable_cores", lambda: 2)
     lanes = []
-    real_lanes = lanes_module.segment_lanes
-    monkeypatch.setattr(lanes_module, "segment_lanes", lambda jobs, model, settings, n, threads: lanes.append(n) or
+    real_lanes = lanes_module.segment_on_lanes
+    monkeypatch.setattr(lanes_module, "segment_on_lanes", lambda jobs, model, settings, n, threads: lanes.append(n) or
                         real_lanes(jobs, model, settings, n, threads))
     result = segment(photo_folder, "-r", "--out", tmp_path / "m", "-m", onnx_model, "--device", "cpu")
     assert result.exit_code == 1  # the three bad files, as always
@@ -557,7 +559,7 @@ def test_lanes_are_capped_by_an_injected_memory_limit_and_every_mask_is_written(
 
 
 def test_an_image_too_big_for_the_memory_left_fails_alone(photo_folder, onnx_model, tmp_path, monkeypatch):
-    from deeplab_cli import memory
+    from deeplab_cli.run import memory
 
     monkeypatch.setattr(memory, "available_memory", lambda: 30_000)  # bytes: less than any image needs
     result = segment(photo_folder / "cats", photo_folder / "dogs", "--out", tmp_path / "m", "-m", onnx_model,
@@ -566,3 +568,12 @@ def test_an_image_too_big_for_the_memory_left_fails_alone(photo_folder, onnx_mod
     lines = [line for line in result.stderr.splitlines() if "too large for the memory left" in line]
     assert len(lines) == 2 and lines[0].startswith(f"deeplab: {photo_folder / 'cats/a.jpg'}: too large for the "
                                                    "memory left (61x45 needs about 0.0 GiB, 0.0 GiB available)")
+
+
+def test_a_bad_crf_params_file_is_one_line_naming_it(photo_folder, onnx_model, tmp_path):
+    bad = tmp_path / "best.json"
+    bad.write_text("[4, 121]")
+    result = segment(photo_folder / "cats", "--out", tmp_path / "m", "-m", onnx_model, "--crf-params", bad)
+    assert result.exit_code == 2
+    assert result.stderr.strip().splitlines() == [f"Error: --crf-params {bad}: expected a JSON object of CRF settings"]
+    assert not (tmp_path / "m").exists()  # nothing started

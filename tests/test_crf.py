@@ -32,7 +32,7 @@ def backend(request):
 @pytest.fixture(params=[b for b in HERE if b != "onnx"])
 def exact_backend(request):
     """The installed backends that compute pydensecrf's marginals bit for bit (onnx agrees to rounding:
-    tests/test_crf_graph.py), and that `crf tune` runs."""
+    tests/test_graph.py), and that `crf tune` runs."""
     return request.param
 
 
@@ -184,8 +184,8 @@ def test_marginals_can_be_refined_again(backend):
 
 
 def test_a_grid_gives_what_each_setting_gives_alone_and_builds_each_lattice_once(scene, exact_backend, monkeypatch):
-    from deeplab_cli import meanfield
-    from deeplab_cli.tune import grid
+    from deeplab_cli.crf import meanfield
+    from deeplab_cli.crf.tune import grid
 
     image, probs, _ = scene
     # `crf tune`'s order: bi_w outermost, so the kernel widths change from each setting to the next.

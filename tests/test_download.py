@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from conftest import LENET, assert_one_line_error, files_in, run_cli
-from deeplab_cli import registry
-from deeplab_cli.download import fetch
+from deeplab_cli.model import registry
+from deeplab_cli.model.download import fetch
 from deeplab_cli.errors import DownloadError, ModelError
 
 FILE = "train2_iter_8000.caffemodel"

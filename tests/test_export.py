@@ -9,7 +9,7 @@ from conftest import LENET
 from deeplab_cli.cli import cli
 from deeplab_cli.synthetic import natural_image
 from reference import training_net
-from test_model import assert_reference_logits, run
+from test_network import assert_reference_logits, run
 
 
 
@@ -103,12 +103,3 @@ def test_npz_errors(tmp_path):
     obj = tmp_path / "obj.npz"
     np.savez(obj, **{"conv1_1/W": np.array([object()], dtype=object), "conv1_1/b": np.zeros(1)})
     assert_refused(obj, tmp_path, "not a readable .npz")
-
-
-def test_export_does_not_import_the_registry():
-    import subprocess
-    import sys
-
-    code = "import sys, deeplab_cli.export; print('deeplab_cli.registry' in sys.modules)"
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert done.stdout.strip() == "False"  # the registry imports export, never the other way round

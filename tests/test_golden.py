@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 import golden_cases as cases
-from deeplab_cli import meanfield
+from deeplab_cli.crf import meanfield
 from deeplab_cli.crf import CRFParams
-from test_model import assert_close_to_scale, run
+from test_network import assert_close_to_scale, run
 
 pytestmark = pytest.mark.crosscheck
 

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps, PngImagePlugin
 
-from deeplab_cli import images
+from deeplab_cli.io import images
 from deeplab_cli.errors import InputError, UsageError
-from deeplab_cli.images import DEFAULT_MAX_PIXELS, load_image, max_pixels_from_env, resize_for_network
+from deeplab_cli.io.images import DEFAULT_MAX_PIXELS, load_image, max_pixels_from_env, resize_for_network
 from deeplab_cli.synthetic import natural_image
 
 ORIENTATION = 0x0112
@@ -354,7 +354,7 @@ def test_failures_print_nothing(tmp_path):
     script = (
         "import sys\n"
         "from deeplab_cli.errors import InputError\n"
-        "from deeplab_cli.images import load_image\n"
+        "from deeplab_cli.io.images import load_image\n"
         "for path in sys.argv[1:]:\n"
         "    try:\n"
         "        load_image(path)\n"
@@ -421,7 +421,7 @@ def test_header_size_reads_only_the_header(tmp_path, no_decoding):
 
 @pytest.mark.parametrize("content", [b"", b"BM", b"\x89PNG", b"not an image at all"])
 def test_header_size_of_short_or_foreign_files_is_unknown_not_an_error(tmp_path, content):
-    from deeplab_cli.images import header_size
+    from deeplab_cli.io.images import header_size
 
     (tmp_path / "x.png").write_bytes(content)
     assert header_size(tmp_path / "x.png") is None
@@ -429,7 +429,7 @@ def test_header_size_of_short_or_foreign_files_is_unknown_not_an_error(tmp_path,
 
 
 def test_header_size_of_a_fifo_is_unknown_at_once(tmp_path):
-    from deeplab_cli.images import header_size
+    from deeplab_cli.io.images import header_size
 
     os.mkfifo(tmp_path / "pipe.png")
     assert header_size(tmp_path / "pipe.png") is None  # no writer: a blocking open would never return

@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 
 from deeplab_cli.errors import UsageError
-from deeplab_cli.inputs import Job, collect, expand, make_jobs, parse_shard, read_list, shard
+from deeplab_cli.io.inputs import Job, collect, expand, make_jobs, parse_shard, read_list, shard
 
 
 def touch(root: Path, *names: str) -> None:

@@ -1,4 +1,4 @@
-"""deeplab_cli.lattice: the permutohedral lattice's arrays are consistent and sized as pydensecrf's.
+"""deeplab_cli.crf.lattice: the permutohedral lattice's arrays are consistent and sized as pydensecrf's.
 
 Bit-identity of the lattices with pydensecrf's own is shown through the CRF's output in
 test_meanfield.py (pydensecrf exposes no lattice); these tests hold the arrays' contracts.
@@ -7,7 +7,7 @@ test_meanfield.py (pydensecrf exposes no lattice); these tests hold the arrays' 
 import numpy as np
 import pytest
 
-from deeplab_cli import lattice, meanfield_ir
+from deeplab_cli.crf import lattice, plain, simd
 
 
 def _image(height=30, width=40, seed=0):
@@ -122,7 +122,7 @@ def test_simplices_eight_at_a_time_equal_one_at_a_time(d, scale):
     n_pad = 204
     scale_factors = lattice._scale_factors(d)
     results = []
-    for simplices, lo in ((lattice._simplices, 0), (meanfield_ir.simplices, 0), (meanfield_ir.simplices, 3)):
+    for simplices, lo in ((plain.simplices, 0), (simd.simplices, 0), (simd.simplices, 3)):
         keys = np.zeros((n_pad, d + 1, 3), np.int64)
         weights = np.zeros((n_pad, d + 1), np.float32)
         if lo:  # in pieces that do not start on a block
@@ -132,42 +132,3 @@ def test_simplices_eight_at_a_time_equal_one_at_a_time(d, scale):
     for keys, weights in results[1:]:
         np.testing.assert_array_equal(keys, results[0][0])
         np.testing.assert_array_equal(weights, results[0][1])  # bit for bit
-
-
-@pytest.mark.parametrize("dtype", [np.float32, np.int32, np.int64])
-def test_workspace_buffers_start_on_a_cache_line_and_are_reused(dtype):
-    ws = lattice.Workspace()
-    for shape in [(3,), (1000, 24), (5, 7, 3), (250_000, 24)]:  # the last is malloc'd by mmap
-        array = ws.take("a", shape, dtype)
-        assert array.shape == shape and array.dtype == dtype and array.flags.c_contiguous
-        assert array.ctypes.data % 64 == 0
-        array[...] = 7
-    smaller = ws.take("a", (10, 24), dtype)
-    assert smaller.ctypes.data == array.ctypes.data  # the grown buffer, not a new one
-    assert ws.take("b", (10, 24), dtype).ctypes.data != smaller.ctypes.data
-
-
-def test_parallel_for_covers_the_range_once_even_while_the_pool_is_busy():
-    import threading
-    import time
-
-    seen = []
-    lock = threading.Lock()
-
-    def record(lo, hi):
-        with lock:
-            seen.extend(range(lo, hi))
-
-    lattice.parallel_for(record, 10_000, 2)
-    assert sorted(seen) == list(range(10_000))
-    # The pool's thread is busy: the calling thread does every slice itself and does not wait.
-    seen.clear()
-    release = threading.Event()
-    busy = lattice.start_beside(2, release.wait, 5.0)
-    start = time.perf_counter()
-    lattice.parallel_for(record, 10_000, 2)
-    assert time.perf_counter() - start < 2.0
-    release.set()
-    assert busy() is True
-    assert sorted(seen) == list(range(10_000))
-    assert lattice.start_beside(1, sum, [1, 2])() == 3  # one thread: called at once

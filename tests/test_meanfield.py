@@ -1,11 +1,11 @@
-"""deeplab_cli.meanfield: the numba mean field gives pydensecrf's marginals bit for bit (as recorded in
+"""deeplab_cli.crf.meanfield: the numba mean field gives pydensecrf's marginals bit for bit (as recorded in
 tests/golden/crf.json; tests/test_golden.py compares with pydensecrf itself), and behaves on its own."""
 
 import numpy as np
 import pytest
 
-from deeplab_cli import meanfield
-from deeplab_cli.lattice import Workspace
+from deeplab_cli.crf import meanfield
+from deeplab_cli.crf.threads import Workspace
 from deeplab_cli.synthetic import noise_image, probabilities
 from golden_cases import AWKWARD, PHOTOS, check_crf, photo, underflowed
 

@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from deeplab_cli.memory import (
+from deeplab_cli.run.memory import (
     available_memory,
     cgroup_headroom,
     lane_bytes,

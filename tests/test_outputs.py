@@ -11,7 +11,7 @@ from PIL import Image
 
 from conftest import files_in
 from deeplab_cli.errors import InputError
-from deeplab_cli.outputs import (
+from deeplab_cli.io.outputs import (
     VOC_CLASSES,
     atomic_write,
     colorize,
@@ -182,7 +182,7 @@ def test_streamed_npz_loads_as_the_whole_array_written_at_once(tmp_path):
 
 
 def test_streamed_npz_of_banded_probabilities_equals_todays_probs_output(tmp_path):
-    from deeplab_cli.upsample import prob_chunks, resize_probs, softmax
+    from deeplab_cli.model.upsample import prob_chunks, resize_probs, softmax
 
     small = softmax(np.random.default_rng(1).standard_normal((21, 23, 31)).astype(np.float32))
     write_npz(tmp_path / "old.npz", probs=resize_probs(small, 181, 247).astype(np.float16))
@@ -250,7 +250,7 @@ def test_atomic_write_failure_keeps_old_file(tmp_path):
 KILLED_WRITER = """
 import sys, time
 from pathlib import Path
-from deeplab_cli.outputs import atomic_write
+from deeplab_cli.io.outputs import atomic_write
 
 def write(tmp):
     with open(tmp, "wb") as f:
@@ -314,7 +314,7 @@ def test_sweep_removes_a_killed_writers_temporary_but_not_a_live_shards(tmp_path
 
 
 def test_a_sweep_racing_a_new_temporary_never_deletes_a_live_write(tmp_path, monkeypatch):
-    import deeplab_cli.outputs as outputs
+    import deeplab_cli.io.outputs as outputs
 
     real_open, swept = os.open, []
 

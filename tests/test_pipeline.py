@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 
 from conftest import needs_cuda
-from deeplab_cli import pipeline, stages
-from deeplab_cli.inputs import Job, collect
-from deeplab_cli.runtime import open_session
+from deeplab_cli.run import pipeline
+from deeplab_cli.run import stages
+from deeplab_cli.io.inputs import Job, collect
+from deeplab_cli.model.runtime import open_session
 from deeplab_cli.synthetic import natural_image
 
 
@@ -18,7 +19,7 @@ def run(folder, session, out, **options):
     settings = stages.Settings(out=out, formats=("index", "probs", "logits"),
                                crf_backend=options.get("crf_backend", "numba"))
     workers, batch = options.get("workers", 0), options.get("batch_size", 1)
-    return {r.job.key: r for r in pipeline.segment(collect([str(folder)]), session, settings, workers, batch)}
+    return {r.job.key: r for r in pipeline.segment_pipelined(collect([str(folder)]), session, settings, workers, batch)}
 
 
 def test_pipeline_writes_what_the_serial_path_writes(folder, session, tmp_path):
@@ -87,7 +88,7 @@ def test_decoding_runs_a_bounded_distance_ahead(tmp_path, monkeypatch):
 
 def test_completed_outputs_are_skipped_first(folder, session, tmp_path):
     run(folder, session, tmp_path / "m")
-    again = list(pipeline.segment(collect([str(folder)]), session,
+    again = list(pipeline.segment_pipelined(collect([str(folder)]), session,
                                 stages.Settings(out=tmp_path / "m", formats=("index", "probs", "logits")), 1))
     assert [r.status for r in again[:5]] == ["skipped"] * 5
     assert again[5].status == "error"
@@ -139,7 +140,7 @@ def test_memory_stays_flat_over_long_runs(tmp_path, workers):
         jobs = [Job(image, f"n{count}/{i:04d}") for i in range(count)]
         settings = stages.Settings(out=tmp_path / "out", crf=None)
         tracemalloc.start()
-        statuses = {r.status for r in pipeline.segment(jobs, ZeroNet(), settings, workers)}
+        statuses = {r.status for r in pipeline.segment_pipelined(jobs, ZeroNet(), settings, workers)}
         peaks.append(tracemalloc.get_traced_memory()[1])
         tracemalloc.stop()
         assert statuses == {"ok"}
@@ -158,7 +159,7 @@ def test_a_killed_worker_costs_nothing(tmp_path, session):
         cv2.imwrite(str(src / f"{i}.png"), natural_image(150, 200, seed=60 + i))
     settings = stages.Settings(out=tmp_path / "out")
     results, killed = [], []
-    for result in pipeline.segment(collect([str(src)]), session, settings, workers=1):
+    for result in pipeline.segment_pipelined(collect([str(src)]), session, settings, workers=1):
         if not results:  # the first image is done and others are in flight: kill the worker
             for pid in children_of(os.getpid()):
                 if "spawn_main" in Path(f"/proc/{pid}/cmdline").read_text():
@@ -180,7 +181,7 @@ def test_the_crf_graph_where_the_network_ran_gives_the_engines_results(folder, p
     results = {}
     for backend in ("numba", "onnx"):
         settings = stages.Settings(out=tmp_path / backend, formats=formats, crf_backend=backend)
-        results[backend] = {r.job.key: r for r in pipeline.segment(collect([str(folder)]), probs_session, settings,
+        results[backend] = {r.job.key: r for r in pipeline.segment_pipelined(collect([str(folder)]), probs_session, settings,
                                                                    workers, batch_size=3)}
     assert {k: r.status for k, r in results["numba"].items()} == {k: r.status for k, r in results["onnx"].items()}
     assert results["onnx"]["5"].status == "error" and "5.png" in results["onnx"]["5"].error
@@ -195,12 +196,12 @@ def test_the_crf_graph_where_the_network_ran_gives_the_engines_results(folder, p
 
 def test_a_stop_during_the_crf_graph_path_leaves_complete_files_and_a_rerun_completes(folder, probs_session,
                                                                                        tmp_path, monkeypatch):
-    from deeplab_cli import stop
+    from deeplab_cli.run import stop
 
     settings = stages.Settings(out=tmp_path / "m", formats=("index", "probs"), crf_backend="onnx")
     monkeypatch.setattr(stop, "_state", stop._State())
     first = []
-    for result in pipeline.segment(collect([str(folder)]), probs_session, settings, 1, batch_size=1):
+    for result in pipeline.segment_pipelined(collect([str(folder)]), probs_session, settings, 1, batch_size=1):
         first.append(result)
         stop.request("test")  # after the first result: images in flight finish, no new ones start
     assert 1 <= sum(r.status == "ok" for r in first) < 5
@@ -210,7 +211,7 @@ def test_a_stop_during_the_crf_graph_path_leaves_complete_files_and_a_rerun_comp
         if name.endswith(".npz"):
             assert np.load(tmp_path / "m" / name)["probs"].shape[0] == 21
     monkeypatch.setattr(stop, "_state", stop._State())
-    again = {r.job.key: r.status for r in pipeline.segment(collect([str(folder)]), probs_session, settings, 1, 1)}
+    again = {r.job.key: r.status for r in pipeline.segment_pipelined(collect([str(folder)]), probs_session, settings, 1, 1)}
     done_before = {r.job.key for r in first if r.status == "ok"}
     assert {k for k, s in again.items() if s == "skipped"} == done_before
     assert {k for k, s in again.items() if s in ("ok", "skipped")} == {"0", "1", "2", "3", "4"}

@@ -2,7 +2,7 @@
 
 import os
 
-from deeplab_cli import pool
+from deeplab_cli.run import pool
 
 
 def _dies_on_three(n):

@@ -7,7 +7,7 @@ from pathlib import Path
 import cv2
 import pytest
 
-from deeplab_cli import registry
+from deeplab_cli.model import registry
 from deeplab_cli.synthetic import natural_image
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from conftest import LENET, assert_one_line_error, files_in, run_cli
-from deeplab_cli import registry
+from deeplab_cli.model import registry
 from deeplab_cli.errors import ModelError, WeightsError
 
 NAME, FILE = "largefov-voc12", "train2_iter_8000.caffemodel"

@@ -6,9 +6,9 @@ import onnxruntime
 import pytest
 
 from conftest import CUDA_OFFERED
-from deeplab_cli import runtime
+from deeplab_cli.model import runtime
 from deeplab_cli.errors import RuntimeSetupError
-from deeplab_cli.runtime import CPU, CUDA, open_session, parse_device
+from deeplab_cli.model.runtime import CPU, CUDA, open_session, parse_device
 
 CLASSES = ["background", "thing"]
 

@@ -2,7 +2,8 @@
 
 import pytest
 
-from deeplab_cli import scheduling, stages
+from deeplab_cli.run import scheduling
+from deeplab_cli.run import stages
 
 
 @pytest.mark.parametrize("cores,gpu,threads,jobs,expected", [

@@ -2,8 +2,8 @@
 
 import pytest
 
-from deeplab_cli import stages
-from deeplab_cli.inputs import collect
+from deeplab_cli.run import stages
+from deeplab_cli.io.inputs import collect
 
 
 @pytest.mark.parametrize("crf,formats,max_size,expected", [

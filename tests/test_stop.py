@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from conftest import children_of
-from deeplab_cli import stop
+from deeplab_cli.run import stop
 from deeplab_cli.synthetic import natural_image
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
@@ -23,7 +23,8 @@ COUNT, SIZE = 8, (160, 200)
 # this process, CRF workers beside it) on the CPU provider, which is all this test needs of a GPU.
 FAKE_GPU = """
 import sys
-from deeplab_cli import cli, runtime
+from deeplab_cli import cli
+from deeplab_cli.model import runtime
 
 real = runtime.open_session
 def open_session(*args, **kwargs):

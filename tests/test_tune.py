@@ -9,8 +9,8 @@ from click.testing import CliRunner
 
 from deeplab_cli.cli import cli
 from deeplab_cli.crf import CRFParams
-from deeplab_cli.outputs import SavedLogits, voc_palette, write_index_png, write_logits
-from deeplab_cli.tune import Sample, grid, parse_values, parts, sample_confusions
+from deeplab_cli.io.outputs import SavedLogits, voc_palette, write_index_png, write_logits
+from deeplab_cli.crf.tune import Sample, grid, parse_values, parts, sample_confusions
 
 
 @pytest.fixture

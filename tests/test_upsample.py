@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from deeplab_cli.upsample import caffe_interp, labels_from_scores, resize_probs, softmax
+from deeplab_cli.model.upsample import caffe_interp, labels_from_scores, resize_probs, softmax
 
 
 def caffe_interp2_reference(data1: np.ndarray, zoom: int) -> np.ndarray:
@@ -218,8 +218,8 @@ def test_resize_probs_single_class_and_same_size():
 
 import cv2  # noqa: E402
 
-from deeplab_cli import upsample  # noqa: E402
-from deeplab_cli.upsample import label_bands, labels_at_size, linear_axis, prob_chunks  # noqa: E402
+from deeplab_cli.model import upsample  # noqa: E402
+from deeplab_cli.model.upsample import label_bands, labels_at_size, linear_axis, prob_chunks  # noqa: E402
 
 
 def smooth_probs(classes, height, width, seed=0, sharpness=12.0):

@@ -2,7 +2,8 @@
 # On the lent GPU machine, in the repository's copy there. `receive`: keep the kit pieces this call
 # carried (.gpukit/*) in /root/gpukit, and say what the machine has. `run` (the last call): the same,
 # then install onnxruntime-gpu, numba and pydensecrf from the kit, run the CUDA tests and the benchmark's GPU
-# rows, and leave the logs and the report in $OUT. benchmarks/gpu/README.md has the whole sequence.
+# rows, and leave the logs, the measurements (JSON) and their markdown in $OUT. benchmarks/gpu/README.md
+# has the whole sequence.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 store=/root/gpukit
@@ -39,7 +40,7 @@ probe() {  # deeplab's own session on CUDA, for a one-node graph: does the provi
   python3 - <<'PY'
 import onnx
 from onnx import TensorProto, helper
-from deeplab_cli.runtime import open_session
+from deeplab_cli.model.runtime import open_session
 io = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [4]) for n in "xy"]
 graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "probe", io[:1], io[1:])
 onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), "/tmp/probe.onnx")
@@ -56,4 +57,6 @@ if ! probe; then
 fi
 set +e
 python3 -m pytest -q -rs -p no:cacheprovider tests -k cuda 2>&1 | tee "$out/cuda-tests.log"
-python3 benchmarks/run.py --gpu-only --rounds 2 --markdown "$out/BENCHMARKS-gpu.md" 2>&1 | tee "$out/benchmark.log"
+python3 benchmarks/run.py --gpu-only --rounds 2 --json "$out/benchmark-gpu.json" 2>&1 | tee "$out/benchmark.log"
+# The run-gpu section with its markers, for BENCHMARKS.md (benchmarks/render.py puts the JSON there).
+python3 benchmarks/render.py "$out/benchmark-gpu.json" > "$out/BENCHMARKS-gpu.md"

@@ -1,13 +1,13 @@
-"""The `deeplab` command. It parses options and reports; the work is done by the library modules.
+"""The `deeplab` command. It parses options, calls one entry of the library and reports.
 
 Exit codes: 0 every input done; 1 some inputs failed; 2 usage error; 3 the model or runtime could not
-start; 143 / 130 stopped by SIGTERM / SIGINT (what was finished is kept; a rerun resumes). Heavy modules (numpy, onnxruntime, OpenCV) are imported inside commands so `--help` is instant.
+start; 143 / 130 stopped by SIGTERM / SIGINT (what was finished is kept; a rerun resumes). Heavy modules
+(numpy, onnxruntime, OpenCV) are imported inside commands so that `--help` is instant.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -104,127 +104,65 @@ CRF_OPTION_KEYS = {"crf_iters": "iters", "crf_bi_w": "bi_w", "crf_bi_xy_std": "b
                    "crf_bi_rgb_std": "bi_rgb_std", "crf_pos_w": "pos_w", "crf_pos_xy_std": "pos_xy_std"}
 
 
-def crf_settings(base: dict, params_file: Path | None, options: dict):
-    """CRFParams from the model's defaults, then the --crf-params file, then the explicit options."""
-    from deeplab_cli.crf import CRFParams
-
-    settings = dict(base)
-    if params_file is not None:
-        try:
-            loaded = json.loads(params_file.read_text())
-        except (OSError, ValueError) as e:
-            raise click.BadParameter(f"{params_file}: {e}", param_hint="--crf-params") from None
-        if not isinstance(loaded, dict):
-            raise click.BadParameter(f"{params_file}: expected a JSON object of CRF settings", param_hint="--crf-params")
-        settings.update(loaded)
-    settings.update({CRF_OPTION_KEYS[k]: v for k, v in options.items() if k in CRF_OPTION_KEYS and v is not None})
-    try:
-        return CRFParams.from_dict(settings)
-    except ValueError as e:
-        raise click.BadParameter(str(e), param_hint="--crf-params") from None
+def crf_overrides(options: dict) -> dict:
+    """The --crf-* options given, as CRFParams keys."""
+    return {CRF_OPTION_KEYS[k]: v for k, v in options.items() if k in CRF_OPTION_KEYS and v is not None}
 
 
 def pixel_limit(max_pixels: int | None) -> int | None:
     """--max-pixels (or DEEPLAB_MAX_PIXELS) -> the limit: the default when unset, None (no limit) for 0."""
-    from deeplab_cli.images import DEFAULT_MAX_PIXELS
-
+    from deeplab_cli.io.images import DEFAULT_MAX_PIXELS
     return DEFAULT_MAX_PIXELS if max_pixels is None else (max_pixels or None)
 
 
 def gather_jobs(inputs: tuple[str, ...], recursive: bool, shard_text: str | None, null: bool = False):
-    """Jobs from paths and `-` (a list of paths on stdin, NUL-separated with `null`), sharded if asked."""
-    from deeplab_cli import inputs as inp
-
-    paths = []
-    for item in inputs:
-        paths.extend(inp.read_list(sys.stdin.buffer.read(), null) if item == "-" else [item])
-    jobs = inp.collect(paths, recursive)
-    if shard_text:
-        jobs = inp.shard(jobs, *inp.parse_shard(shard_text))
-    return jobs
+    """Jobs from paths and `-` (a list of paths on stdin), sharded if asked."""
+    from deeplab_cli.io.inputs import gather
+    return gather(inputs, recursive, shard_text, null, sys.stdin.buffer)
 
 
-def report(results, total: int, as_json: bool, quiet: bool, provider: str, grace: float = 0.0, out=None,
-           folder: Path | None = None) -> int:
-    """Print results as they come (paths or JSON lines on `out`, stdout by default; errors on stderr)
-    and return the exit code.
-
-    SIGTERM and Ctrl-C stop the batch gracefully (`stop`), as does an output device that cannot take
-    more; images dropped in flight (workers killed, by us or by a scheduler signalling them all) leave
-    temporaries in `folder`, swept here."""
+def report(run, as_json: bool, quiet: bool, grace: float = 0.0, out=None) -> int:
+    """Drive `run` (a deeplab_cli.run.segment.Run), printing results as they come (paths or JSON lines on
+    `out`, stdout by default; errors on stderr), then the summary; return the exit code."""
     from tqdm import tqdm
 
-    from deeplab_cli import stop
+    from deeplab_cli.run import stop
 
-    counts = {"ok": 0, "skipped": 0, "error": 0}
-    if total == 0 and not quiet:
+    if run.total == 0 and not quiet:
         click.echo("deeplab: no inputs (folders are searched for image files; -r descends into sub-folders)", err=True)
-    show_progress = not quiet and sys.stderr.isatty()
-    with stop.graceful(grace), tqdm(total=total, disable=not show_progress, unit="img", file=sys.stderr,
-                                    dynamic_ncols=True) as bar:
-        try:
-            for result in results:
-                counts[result.status] += 1
-                if as_json:
-                    click.echo(file=out, message=json.dumps({
-                        "input": str(result.job.source), "outputs": [str(p) for p in result.outputs],
-                        "status": result.status, "error": result.error,
-                        "timings": {k: round(v, 4) for k, v in result.timings.items()}, "provider": provider,
-                    }))
-                elif result.status == "ok":
-                    for path in result.outputs:
-                        click.echo(path, file=out)
-                if result.error:
-                    bar.write(f"deeplab: {result.error}", file=sys.stderr)
-                if result.stops_batch:
-                    stop.request("the output cannot take more")
-                bar.update()
-        except stop.Abandoned:
-            pass  # what was in flight is dropped: the summary below says how much is left
-        finally:
-            results.close()  # ends the workers now, before the summary
-    if stop.requested() and folder is not None:
-        from deeplab_cli.outputs import sweep_temporaries
+    for note in run.notes if not quiet else ():
+        click.echo(f"deeplab: {note}", err=True)
 
-        sweep_temporaries(folder)
+    def show(result, bar):
+        if as_json:
+            click.echo(file=out, message=json.dumps({
+                "input": str(result.job.source), "outputs": [str(p) for p in result.outputs],
+                "status": result.status, "error": result.error,
+                "timings": {k: round(v, 4) for k, v in result.timings.items()}, "provider": run.provider,
+            }))
+        elif result.status == "ok":
+            for path in result.outputs:
+                click.echo(path, file=out)
+        if result.error:
+            bar.write(f"deeplab: {result.error}", file=sys.stderr)
+        bar.update()
+
+    with tqdm(total=run.total, disable=quiet or not sys.stderr.isatty(), unit="img", file=sys.stderr,
+              dynamic_ncols=True) as bar:
+        counts = run.drive(grace, lambda result: show(result, bar))
     if not quiet:
         click.echo(f"deeplab: {counts['ok']} done, {counts['skipped']} skipped (already done), "
                    f"{counts['error']} failed", err=True)
     if stop.requested():
-        left = total - sum(counts.values())
+        left = run.total - sum(counts.values())
         click.echo(f"deeplab: stopped ({stop.reason()}); {left} not done: run the same command again to resume",
                    err=True)
         return stop.exit_code() or EXIT_FAILED
     return EXIT_FAILED if counts["error"] else EXIT_OK
 
 
-def prepare_out(out: Path, classes) -> None:
-    """Create the output folder with its classes.json, or fail before any work with the reason."""
-    from deeplab_cli.errors import UsageError
-    from deeplab_cli.outputs import sweep_temporaries, voc_palette, write_classes_json
-
-    try:
-        write_classes_json(out / "classes.json", classes, voc_palette())
-        sweep_temporaries(out)  # what a killed run left; other shards' live files are locked, and stay
-    except OSError as e:
-        raise UsageError(f"{out}: cannot write to the output folder ({e.strerror or e})") from None
-
-
-def resolve_model(model: str, gpu: bool = False, float16: bool = False):
-    """--model NAME (from the registry, pulled when missing) or a path to an .onnx file -> (path, CRF defaults).
-
-    For a GPU the registry's graph with the upsampling inside is used (converted on first use)."""
-    from deeplab_cli import registry
-
-    if model.endswith(".onnx") or os.sep in model:
-        return Path(model), {}
-    info = registry.get_model(model)
-    return registry.ensure(info, float16, gpu, progress=_download_progress()), info.crf
-
-
 def _download_progress():
     from tqdm import tqdm
-
     bar = None
 
     def progress(received: int, total: int | None):
@@ -250,7 +188,8 @@ def _download_progress():
 @click.option("--batch-size", type=click.IntRange(min=1), help="Images of equal size per GPU network call [8].")
 @click.option("--max-size", type=click.IntRange(min=0), default=513, show_default=True,
               help="Longer side the network sees; larger images are scaled down, results brought back. 0: no limit.")
-@click.option("--pad-to", type=click.IntRange(min=1), help="Pad bottom/right with the mean to this size, as the paper's test protocol (513).")
+@click.option("--pad-to", type=click.IntRange(min=1),
+              help="Pad bottom/right with the mean to this size, as the paper's test protocol (513).")
 @click.option("--fp16", is_flag=True, help="The float16 graph (for GPUs; a registry model only).")
 @click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True,
               help="Run here, or on a Ray cluster (pip install 'deeplab-cli[ray]').")
@@ -258,8 +197,9 @@ def _download_progress():
 @output_options
 @click.option("--crf/--no-crf", default=True, show_default=True, help="Refine with the fully connected CRF.")
 @crf_options
-def segment(inputs, out, recursive, null, overwrite, shard, as_json, quiet, grace, max_pixels, model, device, threads, jobs, batch_size,
-            max_size, pad_to, fp16, engine, address, formats, alpha, crf, crf_backend, crf_params, **crf_opts):
+def segment(inputs, out, recursive, null, overwrite, shard, as_json, quiet, grace, max_pixels, model, device, threads,
+            jobs, batch_size, max_size, pad_to, fp16, engine, address, formats, alpha, crf, crf_backend, crf_params,
+            **crf_opts):
     """Segment images: files, folders, or `-` for a list of paths on stdin.
 
     \b
@@ -267,63 +207,22 @@ def segment(inputs, out, recursive, null, overwrite, shard, as_json, quiet, grac
       find data -name '*.jpg' | deeplab segment - --out masks/ --json
       find data -name '*.jpg' -print0 | deeplab segment -0 - --out masks/
     """
-    from dataclasses import replace
+    from deeplab_cli.run.segment import SegmentRequest, segment_images
 
-    from deeplab_cli import lanes, pipeline, scheduling
-    from deeplab_cli.crf import check_backend
-    from deeplab_cli.runtime import open_session, parse_device, wants_cuda
-    from deeplab_cli.stages import Settings
-
-    job_list = gather_jobs(inputs, recursive, shard, null)
-    try:
-        # On a Ray cluster only an explicit cuda says the actors have GPUs: this machine cannot tell.
-        gpu = parse_device(device)[0] == "cuda" if engine == "ray" else wants_cuda(device)
-    except ValueError as e:
-        raise click.BadParameter(str(e), param_hint="--device") from None
-    if engine == "ray" and jobs is not None:
-        raise click.BadParameter("Ray schedules the CRF tasks itself; leave --jobs out", param_hint="--jobs")
-    model_path, crf_defaults = resolve_model(model, gpu, fp16)
-    params = crf_settings(crf_defaults, crf_params, crf_opts) if crf else None
-    if crf and crf_backend:
-        check_backend(crf_backend)
-    settings = Settings(out=out, formats=tuple(dict.fromkeys(formats or ("index",))),
-                        max_size=max_size or None, pad_to=pad_to, crf=params, alpha=alpha,
-                        overwrite=overwrite, crf_backend=crf_backend or "numba", max_pixels=pixel_limit(max_pixels))
-    if engine == "ray":  # its CRF tasks run on CPU workers
-        from deeplab_cli import ray_engine
-
-        prepare_out(out, open_session(model_path, "cpu", 1).classes)  # also checks the model before Ray starts
-        stdout = sys.stdout
+    request = SegmentRequest(
+        out=out, model=model, device=device, threads=threads, workers=jobs, batch_size=batch_size,
+        max_size=max_size or None, pad_to=pad_to, float16=fp16, engine=engine, address=address,
+        formats=tuple(dict.fromkeys(formats or ("index",))), alpha=alpha, overwrite=overwrite,
+        max_pixels=pixel_limit(max_pixels), crf=crf, crf_backend=crf_backend, crf_file=crf_params,
+        crf_overrides=crf_overrides(crf_opts))
+    run = segment_images(gather_jobs(inputs, recursive, shard, null), request, _download_progress())
+    stdout = sys.stdout
+    if run.ray_driver:
         sys.stdout = sys.stderr  # Ray's driver prints cluster events to stdout, which carries results only
-        try:
-            results = ray_engine.segment(job_list, model_path, settings, device=device, threads=threads,
-                                         batch_size=batch_size, address=address)
-            sys.exit(report(results, len(job_list), as_json, quiet, "ray", grace, out=stdout, folder=out))
-        finally:
-            sys.stdout = stdout
-    # This session checks the model and the device before any work, and tells where the network runs.
-    session = open_session(model_path, device, threads or 1, spin=False)
-    provider = session.provider
-    gpu = provider != "CPUExecutionProvider"
-    threads, workers = scheduling.thread_budget(scheduling.usable_cores(), gpu, threads, jobs)
-    if gpu:  # the CRF graph where the network runs, by default; `pipeline` keeps the probabilities there
-        settings = replace(settings, crf_backend=crf_backend or ("onnx" if "probs" in session.outputs else "numba"),
-                           crf_device=device)
-    if device == "auto" and not quiet:
-        click.echo(f"deeplab: running on {provider}", err=True)
-    if jobs is None:  # the default: as many workers as cores, and as memory allows
-        workers, note = scheduling.fit_in_memory(job_list, workers, settings, session=not gpu)
-        if note and not quiet:
-            click.echo(f"deeplab: {note}", err=True)
-    prepare_out(out, session.classes)
-    if gpu:
-        results = pipeline.segment(job_list, session, settings, workers, batch_size or 8)
-    elif workers == 0:
-        results = pipeline.segment(job_list, open_session(model_path, device, threads), settings)
-    else:
-        results = lanes.segment_lanes(job_list, model_path, settings, workers, threads)
-    del session  # on the CPU the lanes, or the one-process session, hold the network
-    sys.exit(report(results, len(job_list), as_json, quiet, provider, grace, folder=out))
+    try:
+        sys.exit(report(run, as_json, quiet, grace, out=stdout))
+    finally:
+        sys.stdout = stdout
 
 
 @cli.command()
@@ -335,8 +234,8 @@ def segment(inputs, out, recursive, null, overwrite, shard, as_json, quiet, grac
 @click.option("--device", default="cpu", show_default=True,
               help="Where --crf-backend onnx runs its graph: cpu, cuda or cuda:N; cuda makes onnx the default.")
 @crf_options
-def crf(inputs, logits_dir, out, recursive, null, overwrite, shard, as_json, quiet, grace, max_pixels, formats, alpha, jobs,
-        device, crf_backend, crf_params, **crf_opts):
+def crf(inputs, logits_dir, out, recursive, null, overwrite, shard, as_json, quiet, grace, max_pixels, formats, alpha,
+        jobs, device, crf_backend, crf_params, **crf_opts):
     """The CRF stage alone, from saved logits: IMAGES... LOGITS.
 
     LOGITS is the folder `deeplab segment IMAGES... --format logits` wrote; give the same IMAGES so the
@@ -348,34 +247,13 @@ def crf(inputs, logits_dir, out, recursive, null, overwrite, shard, as_json, qui
       deeplab crf photos/ logits/ --out masks/ --iters 10 -j 16
       deeplab crf photos/ logits/ --out masks/ --device cuda
     """
-    import functools
+    from deeplab_cli.run.refine import RefineRequest, refine_images
 
-    from deeplab_cli import scheduling
-    from deeplab_cli.crf import check_backend, warm
-    from deeplab_cli.crf_graph import build_graph
-    from deeplab_cli.outputs import VOC_CLASSES
-    from deeplab_cli.pool import parallel_map
-    from deeplab_cli.runtime import parse_device, start_session
-    from deeplab_cli.stages import Settings, crf_one, lost_result
-
-    job_list = gather_jobs(inputs, recursive, shard, null)
-    try:
-        gpu = parse_device(device)[0] == "cuda"
-    except ValueError as e:
-        raise click.BadParameter(str(e), param_hint="--device") from None
-    crf_backend = crf_backend or ("onnx" if gpu else "numba")
-    check_backend(crf_backend)
-    if crf_backend == "onnx":
-        start_session(build_graph(0).SerializeToString(), device, what="the CRF graph")  # the device works, or why not
-    lanes = min(jobs or scheduling.usable_cores(), max(1, len(job_list)))
-    settings = scheduling.sharing_cores(Settings(
-        out=out, formats=tuple(dict.fromkeys(formats or ("index",))), crf=crf_settings({}, crf_params, crf_opts),
-        alpha=alpha, overwrite=overwrite, crf_backend=crf_backend, max_pixels=pixel_limit(max_pixels),
-        crf_device=device), lanes)
-    prepare_out(out, VOC_CLASSES)
-    work = functools.partial(crf_one, logits_dir=logits_dir, settings=settings)
-    results = parallel_map(work, job_list, lanes, lost_result, warm, (crf_backend,))
-    sys.exit(report(results, len(job_list), as_json, quiet, "cpu", grace, folder=out))
+    request = RefineRequest(
+        out=out, logits_dir=logits_dir, workers=jobs, device=device, formats=tuple(dict.fromkeys(formats or ("index",))),
+        alpha=alpha, overwrite=overwrite, max_pixels=pixel_limit(max_pixels), crf_backend=crf_backend,
+        crf_file=crf_params, crf_overrides=crf_overrides(crf_opts))
+    sys.exit(report(refine_images(gather_jobs(inputs, recursive, shard, null), request), as_json, quiet, grace))
 
 
 @cli.command("crf tune")
@@ -404,52 +282,36 @@ def crf_tune(inputs, logits_dir, gt_dir, out, recursive, limit, bi_w, bi_xy_std,
       deeplab crf tune val/images val/logits --gt val/labels --limit 100 -o best.json
       deeplab crf val/images val/logits --out masks/ --crf-params best.json
     """
-    import numpy as np
     from tqdm import tqdm
 
-    from deeplab_cli import scheduling, tune
-    from deeplab_cli.crf import check_backend
-    from deeplab_cli.evaluate import scores
-    from deeplab_cli.outputs import atomic_write
+    from deeplab_cli.crf import check_backend, params, tune
+    from deeplab_cli.run import crf_tune, scheduling
 
     try:
         ranges = {"bi_w": tune.parse_values(bi_w), "bi_xy_std": tune.parse_values(bi_xy_std),
                   "bi_rgb_std": tune.parse_values(bi_rgb_std)}
-        settings = tune.grid(crf_settings({}, crf_params, crf_opts), ranges)
+        settings = tune.grid(params.merge({}, crf_params, crf_overrides(crf_opts)), ranges)
     except ValueError as e:
         raise click.UsageError(str(e)) from None
-    samples = [tune.Sample(job.source, logits_dir / f"{job.key}.logits.npz", gt_dir / f"{job.key}.png")
-               for job in gather_jobs(inputs, recursive, None)[:limit]]
-    crf_backend = crf_backend or "numba"
     if crf_backend == "onnx":
         raise click.BadParameter("crf tune runs on the CPU: numba or pydensecrf", param_hint="--crf-backend")
-    check_backend(crf_backend)
+    check_backend(crf_backend or "numba")
+    samples = crf_tune.samples_of(gather_jobs(inputs, recursive, None)[:limit], logits_dir, gt_dir)
     cores = scheduling.usable_cores()
-    total, failed = np.zeros((len(settings), num_classes, num_classes + 1), np.int64), 0
+    search = crf_tune.GridSearch(samples, settings, num_classes, crf_backend or "numba", jobs or cores, cores)
     with tqdm(total=len(samples), disable=quiet or not sys.stderr.isatty(), unit="img", file=sys.stderr) as bar:
-        for _, confusions, error in tune.score_samples(samples, settings, num_classes, crf_backend, jobs or cores,
-                                                       cores):
+        for error in search:
             if error:
-                failed += 1
                 bar.write(f"deeplab: {error}", file=sys.stderr)
-            else:
-                total += confusions
             bar.update()
-    if failed == len(samples):
-        raise click.ClickException("no image could be scored")
-    rows = sorted(((scores(c), p) for c, p in zip(total, settings)), key=lambda row: -row[0].miou)
-    best = rows[0][1]
-    atomic_write(out, lambda tmp: tmp.write_text(json.dumps(best.to_dict(), indent=2) + "\n"))
+    table = search.table()
+    table.write_best(out)
     if as_json:
-        click.echo(json.dumps({"images": len(samples) - failed, "failed": failed, "best": best.to_dict(),
-                               "rows": [{**p.to_dict(), "miou": s.miou, "pixel_accuracy": s.pixel_accuracy}
-                                        for s, p in rows]}))
+        click.echo(json.dumps(table.to_json()))
     else:
-        click.echo("bi_w\tbi_xy_std\tbi_rgb_std\tmIoU\tpixel_acc")
-        for s, p in rows:
-            click.echo(f"{p.bi_w:g}\t{p.bi_xy_std:g}\t{p.bi_rgb_std:g}\t{100 * s.miou:.2f}\t{100 * s.pixel_accuracy:.2f}")
-        click.echo(f"deeplab: best of {len(rows)} settings on {len(samples) - failed} images written to {out}", err=True)
-    sys.exit(EXIT_FAILED if failed else EXIT_OK)
+        click.echo("\n".join(table.tsv()))
+        click.echo(f"deeplab: best of {len(table.rows)} settings on {table.images} images written to {out}", err=True)
+    sys.exit(EXIT_FAILED if table.failed else EXIT_OK)
 
 
 @cli.command("eval")
@@ -462,42 +324,20 @@ def crf_tune(inputs, logits_dir, gt_dir, out, recursive, limit, bi_w, bi_xy_std,
 @click.option("--json", "as_json", is_flag=True, help="One JSON object on stdout.")
 def evaluate(pred_dir, gt_dir, list_file, num_classes, as_json):
     """Mean IoU over a labelled set, as PASCAL VOC computes it (one confusion matrix for all images)."""
-    import numpy as np
+    from deeplab_cli.run.evaluate import Evaluation, image_ids
 
-    from deeplab_cli.errors import InputError
-    from deeplab_cli.evaluate import confusion_matrix, scores
-    from deeplab_cli.outputs import VOC_CLASSES, read_index_png
-
-    if list_file is not None:
-        ids = [line.strip().removesuffix(".png") for line in list_file if line.strip()]
-    else:
-        ids = sorted(p.relative_to(gt_dir).with_suffix("").as_posix() for p in gt_dir.rglob("*.png")
-                     if not p.name.startswith("."))
-    total, problems = np.zeros((num_classes, num_classes + 1), np.int64), []
-    for name in ids:
-        try:
-            truth, pred = read_index_png(gt_dir / f"{name}.png"), read_index_png(pred_dir / f"{name}.png")
-            if truth.shape != pred.shape:
-                raise InputError(f"{pred_dir / name}.png: prediction is {pred.shape[0]}x{pred.shape[1]}, "
-                                 f"ground truth is {truth.shape[0]}x{truth.shape[1]}")
-        except InputError as e:
-            problems.append(str(e))
-            click.echo(f"deeplab: {e}", err=True)
-            continue
-        total += confusion_matrix(truth, pred, num_classes)
-    if len(problems) == len(ids):
-        raise click.ClickException(f"no image could be evaluated ({len(ids)} listed)")
-    result = scores(total)
-    names = VOC_CLASSES if num_classes == len(VOC_CLASSES) else [str(i) for i in range(num_classes)]
-    per_class = {n: (None if np.isnan(v) else float(v)) for n, v in zip(names, result.per_class)}
+    evaluation = Evaluation(pred_dir, gt_dir, image_ids(gt_dir, list_file), num_classes)
+    for problem in evaluation:
+        if problem:
+            click.echo(f"deeplab: {problem}", err=True)
+    result = evaluation.result()
     if as_json:
-        click.echo(json.dumps({"miou": result.miou, "per_class": per_class, "pixel_accuracy": result.pixel_accuracy,
-                               "images": len(ids) - len(problems), "problems": problems}))
+        click.echo(json.dumps(result))
     else:
-        for name, iou in per_class.items():
+        for name, iou in result["per_class"].items():
             click.echo(f"{name:<14}{'-' if iou is None else f'{100 * iou:6.2f}'}")
-        click.echo(f"{'mean IoU':<14}{100 * result.miou:6.2f}\n{'pixel acc.':<14}{100 * result.pixel_accuracy:6.2f}")
-    sys.exit(EXIT_FAILED if problems else EXIT_OK)
+        click.echo(f"{'mean IoU':<14}{100 * result['miou']:6.2f}\n{'pixel acc.':<14}{100 * result['pixel_accuracy']:6.2f}")
+    sys.exit(EXIT_FAILED if result["problems"] else EXIT_OK)
 
 
 @cli.command()
@@ -508,10 +348,9 @@ def evaluate(pred_dir, gt_dir, list_file, num_classes, as_json):
 @click.option("--with-probs", is_flag=True, help="Also output upsampled probabilities and labels (what a GPU run uses).")
 def export(source, output, name, fp16, with_probs):
     """Convert a .caffemodel (either layout) or .npz of weights to ONNX."""
-    from deeplab_cli.export import export as run_export
-    from deeplab_cli.registry import get_model
+    from deeplab_cli.model import registry
 
-    digest = run_export(source, output, get_model(name), float16=fp16, with_probs=with_probs)
+    digest = registry.export(source, output, registry.get_model(name), float16=fp16, with_probs=with_probs)
     click.echo(f"{output}  (source sha256 {digest})")
 
 
@@ -523,21 +362,11 @@ def models():
 @models.command("list")
 def models_list():
     """Known models: name, state, SHA-256 of the cached weights (- when unknown), description."""
-    from deeplab_cli import registry
+    from deeplab_cli.model import registry
 
     for info in registry.known_models().values():
-        if registry.verified(info):
-            state = "cached"
-        elif registry.onnx_path(info).is_file():
-            # A graph without a record of its weights (cached before records were kept), or weights that do
-            # not match the registry's sha256: `pull` fetches these again.
-            state = "unverified"
-        elif registry.cached_weights(info):
-            state = "weights only"  # the graph is converted from them on first use
-        else:
-            state = "not cached"
         record = registry.read_source(info)
-        click.echo(f"{info.name}\t{state}\t{record.sha256 if record else '-'}\t{info.description}")
+        click.echo(f"{info.name}\t{registry.state(info)}\t{record.sha256 if record else '-'}\t{info.description}")
 
 
 @models.command()
@@ -545,7 +374,7 @@ def models_list():
 @click.option("--force", is_flag=True, help="Download again even when the model is cached and verified.")
 def pull(name, force):
     """Download, verify, convert and cache a model; print its ONNX path (the SHA-256 goes to stderr)."""
-    from deeplab_cli import registry
+    from deeplab_cli.model import registry
 
     info = registry.get_model(name)
     record = None if force else registry.verified(info)
@@ -564,7 +393,7 @@ def pull(name, force):
 @click.option("--name", default="largefov-voc12", show_default=True)
 def models_import(file, name):
     """Convert a weight file you already have into the cache; print its ONNX path (the SHA-256 goes to stderr)."""
-    from deeplab_cli import registry
+    from deeplab_cli.model import registry
 
     path, digest = registry.import_file(registry.get_model(name), file)
     click.echo(f"deeplab: {name}: sha256 {digest} imported from {file}", err=True)
@@ -575,21 +404,16 @@ def models_import(file, name):
 @click.argument("name")
 def path(name):
     """Print the cached ONNX file of a model (exit 3 if not cached)."""
-    from deeplab_cli import registry
-    from deeplab_cli.errors import ModelError
+    from deeplab_cli.model import registry
 
-    info = registry.get_model(name)
-    onnx_file = registry.onnx_path(info)
-    if not onnx_file.is_file():
-        raise ModelError(f"{name} is not in the cache ({registry.cache_dir()}); {registry.how_to_get(info)}")
-    click.echo(onnx_file)
+    click.echo(registry.cached_onnx(registry.get_model(name)))
 
 
 @models.command()
 @click.argument("name")
 def rm(name):
     """Delete a model from the cache."""
-    from deeplab_cli import registry
+    from deeplab_cli.model import registry
 
     if not registry.remove(registry.get_model(name)):
         click.echo(f"deeplab: {name} was not cached", err=True)

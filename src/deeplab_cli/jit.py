@@ -12,7 +12,7 @@ import sys
 
 def configure_numba() -> None:
     """Set numba's cache folder and vectoriser; re-read its configuration if it was imported already."""
-    from deeplab_cli.registry import cache_dir
+    from deeplab_cli.home import cache_dir
 
     os.environ.setdefault("NUMBA_CACHE_DIR", str(cache_dir() / "numba"))
     os.environ.setdefault("NUMBA_SLP_VECTORIZE", "1")

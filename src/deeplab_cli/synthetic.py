@@ -13,7 +13,7 @@ import math
 
 import numpy as np
 
-from deeplab_cli.model import Conv, largefov_layers
+from deeplab_cli.model.network import Conv, largefov_layers
 
 # The power in `softmax`'s stand-in for exp: (1 + x/256)^256 is eight squarings, and differs from
 # e^x by under a factor 2 for x in [-23, 0] (enough to look like a network's softmax).

@@ -1,0 +1,59 @@
+"""The CRF stage alone: images and the logits a `segment --format logits` run saved -> refined outputs."""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+from deeplab_cli.errors import UsageError
+from deeplab_cli.io.images import DEFAULT_MAX_PIXELS
+from deeplab_cli.io.inputs import Job
+from deeplab_cli.model import runtime
+from deeplab_cli.run import scheduling
+from deeplab_cli.run.segment import Run, prepare_out
+
+
+@dataclass(frozen=True)
+class RefineRequest:
+    """What `deeplab crf` asks for (None: decided here)."""
+
+    out: Path
+    logits_dir: Path
+    workers: int | None = None
+    device: str = "cpu"  # where the onnx backend runs its graph
+    formats: tuple[str, ...] = ("index",)
+    alpha: float = 0.5
+    overwrite: bool = False
+    max_pixels: int | None = DEFAULT_MAX_PIXELS
+    crf_backend: str | None = None
+    crf_file: Path | None = None
+    crf_overrides: Mapping[str, Any] = field(default_factory=dict)
+
+
+def refine_images(jobs: list[Job], request: RefineRequest) -> Run:
+    """Start the CRF over `jobs`, each paired with `<logits_dir>/<key>.logits.npz`, on one process per core
+    (or `request.workers`). Raises UsageError or RuntimeSetupError before any work."""
+    from deeplab_cli.crf import check_backend, params, warm
+    from deeplab_cli.crf.graph import build_graph
+    from deeplab_cli.io.outputs import VOC_CLASSES
+    from deeplab_cli.run.pool import parallel_map
+    from deeplab_cli.run.stages import Settings, crf_one, lost_result
+
+    try:
+        gpu = runtime.parse_device(request.device)[0] == "cuda"
+    except ValueError as e:
+        raise UsageError(f"--device: {e}") from None
+    backend = request.crf_backend or ("onnx" if gpu else "numba")
+    check_backend(backend)
+    if backend == "onnx":  # the device works, or why not
+        runtime.start_session(build_graph(0).SerializeToString(), request.device, what="the CRF graph")
+    lanes = min(request.workers or scheduling.usable_cores(), max(1, len(jobs)))
+    settings = scheduling.sharing_cores(Settings(
+        out=request.out, formats=request.formats, crf=params.merge({}, request.crf_file, request.crf_overrides),
+        alpha=request.alpha, overwrite=request.overwrite, crf_backend=backend, max_pixels=request.max_pixels,
+        crf_device=request.device), lanes)
+    prepare_out(request.out, VOC_CLASSES)
+    work = functools.partial(crf_one, logits_dir=request.logits_dir, settings=settings)
+    return Run(parallel_map(work, jobs, lanes, lost_result, warm, (backend,)), len(jobs), "cpu", request.out)
