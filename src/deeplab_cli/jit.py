@@ -1,4 +1,5 @@
-"""Numba's settings for the project's kernels, applied before numba is first imported.
+"""Numba's settings for the project's kernels: `configure_numba()`, called before a kernel module is imported
+(`deeplab_cli.crf.meanfield.compiled`, `deeplab_cli.crf.lattice`, `deeplab_cli.model.upsample`).
 
 Compiled kernels are cached under `<cache_dir()>/numba` (so a CLI run does not compile them again), and
 LLVM's SLP vectoriser is on for straight-line float code; a user's NUMBA_CACHE_DIR or

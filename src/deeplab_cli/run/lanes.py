@@ -20,7 +20,7 @@ from deeplab_cli.run.stages import (Result, Settings, finish_job, load_job, lost
 
 
 def segment_on_lanes(jobs: Iterable[Job], model_path: str | os.PathLike, settings: Settings, lanes: int,
-                  threads: int = 1) -> Iterator[Result]:
+                     threads: int = 1) -> Iterator[Result]:
     """Segment on the CPU with `lanes` processes, each taking whole images through every stage with a
     session of its own (`threads` onnxruntime threads).
 

@@ -369,9 +369,10 @@ def _connected(address: str | None):
 
 
 def segment_on_ray(jobs: list[Job], model_path: Path, settings: stages.Settings, *, device: str = "auto",
-            threads: int | None = None, batch_size: int | None = None, address: str | None = None,
-            network_actors: int | None = None) -> Iterator[stages.Result]:
-    """Same inputs, outputs and Result objects as pipeline.segment_pipelined, run on a Ray cluster (ray.init(address)).
+                   threads: int | None = None, batch_size: int | None = None, address: str | None = None,
+                   network_actors: int | None = None) -> Iterator[stages.Result]:
+    """Same inputs, outputs and Result objects as pipeline.segment_pipelined, run on a Ray cluster
+    (ray.init(address)).
 
     Yields "skipped" Results for complete outputs first, then one Result per job in completion order.
     Actors, threads and batch size as `placement` decides them.
