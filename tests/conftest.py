@@ -47,6 +47,20 @@ def onnx_model(weights, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def port_model(weights, tmp_path_factory):
+    """`onnx_model` as the PyTorch port computes it: the same weights, poolings rounding down."""
+    import onnx
+
+    from deeplab_cli.model.network import build_onnx, check_weights
+    from deeplab_cli.io.outputs import VOC_CLASSES
+
+    path = tmp_path_factory.mktemp("model") / "port.onnx"
+    onnx.save(build_onnx(check_weights(weights, "test"), classes=list(VOC_CLASSES), model_name="port",
+                         source_sha256="0" * 64, pooling="floor"), path)
+    return path
+
+
+@pytest.fixture(scope="session")
 def probs_model(weights, tmp_path_factory):
     """The graph for GPUs: `onnx_model` plus `probs` and `labels` outputs at the working size."""
     import onnx

@@ -157,6 +157,19 @@ def network_cases():
     return cases
 
 
+def port_cases():
+    """name -> ((H, W, 3) uint8 BGR image, pad_to or None) for the PyTorch port's network (floor pooling):
+    sizes where its rounding differs from Caffe's (37 gives 5 scores, not 6; even sides), where it does not
+    (33, 41: every intermediate odd), and padded to 8k + 1 as `deeplab segment` pads for it."""
+    cases = {}
+    for size in [(37, 45), (40, 64), (33, 41), (1, 1), (8, 9), (50, 70)]:
+        cases[f"port: {size[0]}x{size[1]} seed {size[0] + 2 * size[1]}"] = (
+            natural_image(*size, seed=size[0] + 2 * size[1]), None)
+    cases["port: 40x64 seed 7 padded to 41x65"] = (natural_image(40, 64, seed=7), (41, 65))
+    cases["port: 50x70 seed 3 padded to 97x97"] = (natural_image(50, 70, seed=3), (97, 97))
+    return cases
+
+
 # The 500x375 image's (21, 48, 64) logits are kept at every 4th row and column: kilobytes, not 258 kB.
 SUBSAMPLE = {"375x500 seed 875": 4}
 

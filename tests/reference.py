@@ -44,6 +44,67 @@ def torch_logits(weights, image_bgr_u8, pad_to=None):
     return x[0].numpy().astype(np.float32)
 
 
+# The PyTorch port's network (wangleihitcs/DeepLab-V1-PyTorch, nets/vgg.py), module by module as its
+# nn.Sequential numbers them: ("conv", in, out, kernel, dilation), "relu", ("max", stride), "avg", "drop".
+PORT_FEATURES = [
+    ("conv", 3, 64, 3, 1), "relu", ("conv", 64, 64, 3, 1), "relu", ("max", 2),
+    ("conv", 64, 128, 3, 1), "relu", ("conv", 128, 128, 3, 1), "relu", ("max", 2),
+    ("conv", 128, 256, 3, 1), "relu", ("conv", 256, 256, 3, 1), "relu", ("conv", 256, 256, 3, 1), "relu", ("max", 2),
+    ("conv", 256, 512, 3, 1), "relu", ("conv", 512, 512, 3, 1), "relu", ("conv", 512, 512, 3, 1), "relu", ("max", 1),
+    ("conv", 512, 512, 3, 2), "relu", ("conv", 512, 512, 3, 2), "relu", ("conv", 512, 512, 3, 2), "relu", ("max", 1),
+    "avg", ("conv", 512, 1024, 3, 12), "relu", "drop", ("conv", 1024, 1024, 1, 1), "relu", "drop",
+    ("conv", 1024, 21, 1, 1),
+]
+# Where each of the authors' layers sits in it (fc8 is features.38, as the port's training code says).
+PORT_INDEX = {"conv1_1": 0, "conv1_2": 2, "conv2_1": 5, "conv2_2": 7, "conv3_1": 10, "conv3_2": 12, "conv3_3": 14,
+              "conv4_1": 17, "conv4_2": 19, "conv4_3": 21, "conv5_1": 24, "conv5_2": 26, "conv5_3": 28,
+              "fc6": 32, "fc7": 35, "fc8_voc12": 38}
+
+
+def port_state_dict(weights):
+    """The port's checkpoint layout for `weights` (layer name -> (W, b)): a DataParallel state_dict,
+    `module.features.N.weight|bias` -> array, in the port's module order."""
+    state = {}
+    for name, index in sorted(PORT_INDEX.items(), key=lambda item: item[1]):
+        w, b = weights[name]
+        state[f"module.features.{index}.weight"], state[f"module.features.{index}.bias"] = w, b
+    return state
+
+
+def port_logits(state_dict, image_bgr_u8, pad_to=None):
+    """The port's network on (H, W, 3) uint8 BGR -> (C, h, w) float32 logits, in float64: its modules built
+    as nets/vgg.py builds them (PyTorch pooling, rounding down), wrapped in DataParallel as its test() does,
+    and the checkpoint loaded strictly, so its key layout is checked too. Padding, as the port's dataset
+    pads, is with the mean before subtracting it."""
+    import pytest
+
+    torch = pytest.importorskip("torch")
+    nn = torch.nn
+    modules = []
+    for item in PORT_FEATURES:
+        if item == "relu":
+            modules.append(nn.ReLU(True))
+        elif item == "drop":
+            modules.append(nn.Dropout2d(0.5))
+        elif item == "avg":
+            modules.append(nn.AvgPool2d(kernel_size=3, stride=1, padding=1))
+        elif item[0] == "max":
+            modules.append(nn.MaxPool2d(kernel_size=3, stride=item[1], padding=1))
+        else:
+            _, c_in, c_out, k, d = item
+            modules.append(nn.Conv2d(c_in, c_out, kernel_size=k, padding=d * (k // 2), dilation=d))
+    net = nn.Module()
+    net.features = nn.Sequential(*modules)
+    model = nn.DataParallel(net)
+    model.load_state_dict({key: torch.from_numpy(np.asarray(value)) for key, value in state_dict.items()})
+    model = model.double().eval()
+    x = torch.from_numpy(image_bgr_u8.astype(np.float64) - np.array(MEAN_BGR)).permute(2, 0, 1)[None]
+    if pad_to is not None:
+        x = torch.nn.functional.pad(x, (0, max(0, pad_to[1] - x.shape[3]), 0, max(0, pad_to[0] - x.shape[2])))
+    with torch.no_grad():
+        return model.module.features(x)[0].numpy().astype(np.float32)
+
+
 def training_net(weights, dilation_recorded=True):
     """The layers a real DeepLab-LargeFOV training snapshot carries, for tests/caffe_writer.py.
 

@@ -10,12 +10,15 @@ import os
 import threading
 from pathlib import Path
 
+import cv2
 import pytest
+from PIL import Image
 
 from conftest import LENET, assert_one_line_error, files_in, run_cli
 from deeplab_cli.model import registry
 from deeplab_cli.model.download import fetch
 from deeplab_cli.errors import DownloadError, ModelError
+from deeplab_cli.synthetic import natural_image
 
 FILE = "train2_iter_8000.caffemodel"
 
@@ -401,3 +404,126 @@ def test_ensure_converts_cached_weights_without_the_network(server, monkeypatch,
     assert registry.ensure(info) == home / info.name / "model.onnx"
     assert files_in(home / info.name) == ["model.onnx", FILE]
     assert server.requests == []
+
+
+# -- git blob ids and sizes ----------------------------------------------------------------------------
+
+
+def test_git_blob_id_is_gits(tmp_path):
+    # Ids git itself gives: `git hash-object` of an empty file and of "hello\n".
+    from deeplab_cli.model.download import git_blob_id
+
+    (tmp_path / "empty").write_bytes(b"")
+    (tmp_path / "hello").write_bytes(b"hello\n")
+    assert git_blob_id(tmp_path / "empty") == "e69de29bb2d1d6434b8b29ae775ad8c2e48c5391"
+    assert git_blob_id(tmp_path / "hello") == "ce013625030ba8dba906f756967f9e9ca394464a"
+
+
+def test_fetch_checks_the_git_blob_id(server, tmp_path):
+    good = server.serve("/good", b"hello\n")
+    with fetch([good], tmp_path, git_blob_sha1="CE013625030BA8DBA906F756967F9E9CA394464A") as fetched:
+        assert fetched.path.read_bytes() == b"hello\n"
+    other = server.serve("/other", b"hullo\n")
+    with pytest.raises(DownloadError, match=f"{other}: git blob id [0-9a-f]{{40}} does not match the expected ce01"):
+        with fetch([other], tmp_path, git_blob_sha1="ce013625030ba8dba906f756967f9e9ca394464a"):
+            pass
+    assert files_in(tmp_path) == []
+
+
+# -- the default model: the authors' weights, else the PyTorch port's -----------------------------------
+
+PORT_FILE = "model_last_20000_poly2.pth"
+
+
+@pytest.fixture(scope="module")
+def port_bytes(weights, tmp_path_factory) -> bytes:
+    """The port's checkpoint of `weights`, as PyTorch 1.2 saved it: legacy format, DataParallel keys."""
+    from pth_writer import write_pth
+    from reference import port_state_dict
+
+    path = tmp_path_factory.mktemp("pth") / PORT_FILE
+    write_pth(path, port_state_dict(weights), zip_format=False, location="cuda:0")
+    return path.read_bytes()
+
+
+def use_models(monkeypatch, authors_urls, port_urls, port_blob=None):
+    """The registry's two VOC models, fetching from the given URLs (no archive): (authors', port's)."""
+    authors = dataclasses.replace(registry.get_model(registry.DEFAULT_MODEL), urls=tuple(authors_urls), archive=None)
+    port = dataclasses.replace(registry.get_model(registry.FALLBACK_MODEL), urls=tuple(port_urls),
+                               git_blob_sha1=port_blob)
+    monkeypatch.setattr(registry, "known_models", lambda: {authors.name: authors, port.name: port})
+    return authors, port
+
+
+def git_blob(data: bytes) -> str:
+    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+
+
+def test_pull_of_the_port_checks_its_git_blob_id(server, monkeypatch, home, port_bytes):
+    _, port = use_models(monkeypatch, [], [server.serve("/bad/" + PORT_FILE, port_bytes + b"\0"),
+                                           server.serve("/good/" + PORT_FILE, port_bytes)], git_blob(port_bytes))
+
+    result = run_cli("models", "pull", port.name)
+
+    assert result.exit_code == 0, result.output
+    assert server.requests == ["/bad/" + PORT_FILE, "/good/" + PORT_FILE]  # the altered file was refused
+    assert files_in(home / port.name) == ["model.onnx", PORT_FILE, "source.json"]
+
+
+def test_the_default_falls_back_to_the_port_when_the_authors_weights_cannot_be_had(
+        server, monkeypatch, home, port_bytes, tmp_path):
+    authors, port = use_models(monkeypatch, [server.url("/dead/" + FILE)],
+                               [server.serve("/port/" + PORT_FILE, port_bytes)], git_blob(port_bytes))
+    images = tmp_path / "img"
+    images.mkdir()
+    cv2.imwrite(str(images / "even.png"), natural_image(40, 64, seed=1))  # even sides: the port pads to 41x65
+
+    result = run_cli("segment", images, "--out", tmp_path / "masks", "--json", "--device", "cpu", "-j", "0")
+
+    # The README's first command ends with masks, and says on stderr and in the JSON which model made them.
+    assert result.exit_code == 0, result.output
+    assert server.requests == ["/dead/" + FILE, "/port/" + PORT_FILE]
+    assert f"deeplab: using {port.name}: {authors.name} could not be fetched" in result.stderr
+    line = json.loads(result.stdout)
+    assert line["status"] == "ok" and line["model"] == port.name
+    assert Image.open(line["outputs"][0]).size == (64, 40)
+
+    # Later runs use the cached port without asking the dead hosts again, and still say so, even with -q.
+    result = run_cli("segment", images, "--out", tmp_path / "again", "-q", "--device", "cpu", "-j", "0")
+    assert result.exit_code == 0, result.output
+    assert server.requests == ["/dead/" + FILE, "/port/" + PORT_FILE]
+    assert f"deeplab: using {port.name}: {authors.name} is not in the cache" in result.stderr
+
+
+def test_a_named_model_is_never_replaced(server, monkeypatch, home, port_bytes, tmp_path):
+    authors, port = use_models(monkeypatch, [server.url("/dead/" + FILE)], [server.serve("/port/" + PORT_FILE, port_bytes)])
+    (tmp_path / "img").mkdir()
+
+    result = run_cli("segment", tmp_path / "img", "--out", tmp_path / "masks", "-m", authors.name)
+
+    assert_model_error(result, f"{authors.name} is not in the cache", "HTTP 404")
+    assert server.requests == ["/dead/" + FILE]
+
+
+def test_the_default_says_what_failed_when_neither_model_can_be_had(server, monkeypatch, home, tmp_path):
+    authors, port = use_models(monkeypatch, [server.url("/dead/" + FILE)], [server.url("/gone/" + PORT_FILE)])
+    (tmp_path / "img").mkdir()
+
+    result = run_cli("segment", tmp_path / "img", "--out", tmp_path / "masks")
+
+    assert_model_error(result, f"{authors.name} is not in the cache", f"the fallback {port.name} could not be had",
+                       "/dead/" + FILE, "/gone/" + PORT_FILE)
+    assert files_in(home / authors.name) == [] and files_in(home / port.name) == []
+
+
+def test_the_authors_weights_are_used_when_cached(server, monkeypatch, home, largefov_bytes, port_bytes):
+    authors, port = use_models(monkeypatch, [server.serve("/" + FILE, largefov_bytes)],
+                               [server.serve("/port/" + PORT_FILE, port_bytes)])
+    assert run_cli("models", "pull", port.name).exit_code == 0
+    assert run_cli("models", "pull", authors.name).exit_code == 0
+    requests = len(server.requests)
+
+    info, path, note = registry.ensure_default()
+
+    assert (info.name, path, note) == (authors.name, home / authors.name / "model.onnx", None)
+    assert len(server.requests) == requests

@@ -103,3 +103,32 @@ def test_npz_errors(tmp_path):
     obj = tmp_path / "obj.npz"
     np.savez(obj, **{"conv1_1/W": np.array([object()], dtype=object), "conv1_1/b": np.zeros(1)})
     assert_refused(obj, tmp_path, "not a readable .npz")
+
+
+# -- a PyTorch port's .pth ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("zip_format", [False, True], ids=["legacy", "zip"])
+def test_a_pth_exports_to_the_ports_logits_at_odd_and_even_sizes(weights, tmp_path, zip_format):
+    from golden_cases import port_cases
+    from pth_writer import write_pth
+    from reference import port_state_dict
+
+    write_pth(tmp_path / "port.pth", port_state_dict(weights), zip_format=zip_format, location="cuda:0")
+    result = export(tmp_path / "port.pth", tmp_path / "m.onnx")  # a .pth is the port's without --name
+    assert result.exit_code == 0, result.output
+    for name in ("port: 37x45 seed 127", "port: 40x64 seed 168", "port: 33x41 seed 115"):
+        image, pad_to = port_cases()[name]
+        assert_reference_logits(run(tmp_path / "m.onnx", image, pad_to), name, image, weights)
+
+
+def test_a_pth_whose_pickle_runs_code_is_refused_and_runs_nothing(tmp_path, monkeypatch):
+    import os
+
+    from pth_writer import legacy_bytes, malicious_pickle
+
+    monkeypatch.setattr(os, "system", lambda *args: pytest.fail(f"the pickle ran: {args}"))
+    marker = tmp_path / "ran"
+    path = bad(tmp_path, "evil.pth", legacy_bytes(malicious_pickle("reduce", marker), {}))
+    assert_refused(path, tmp_path, "refused: its pickle calls os.system")
+    assert not marker.exists()

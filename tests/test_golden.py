@@ -62,3 +62,14 @@ def test_torch_computes_the_network_golden_and_onnxruntime_agrees(weights, onnx_
             expected, image_sha256 = cases.golden_labels(name)
             labels = deeplab_labels(weights, image, crf=crf, pad_to=pad_to)
             assert (labels == expected).mean() >= 0.999, (name, cases.sha256(image) == image_sha256)
+
+
+def test_the_ports_network_computes_the_port_golden_and_onnxruntime_agrees(weights, port_model):
+    pytest.importorskip("torch")
+    from reference import port_logits, port_state_dict
+
+    for name, (image, pad_to) in cases.port_cases().items():
+        ref = port_logits(port_state_dict(weights), image, pad_to)
+        stored, _ = cases.golden_logits(name, image, weights)
+        assert_close_to_scale(ref, stored, rel=1e-6)
+        assert_close_to_scale(run(port_model, image, pad_to), ref)

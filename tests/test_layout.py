@@ -73,7 +73,8 @@ def test_the_checker_finds_a_cycle(tmp_path):
 @pytest.mark.parametrize("name", sorted(MODULES))
 def test_modules_and_functions_stay_small(name):
     source = MODULES[name].read_text()
-    limit = 420 if name == "deeplab_cli.cli" else 800
+    # The CLI only parses, calls and reports: one short module per command family.
+    limit = 200 if name == "deeplab_cli.cli" or name.startswith("deeplab_cli.cli.") else 800
     assert len(source.splitlines()) <= limit
     long = [f"{node.name} ({node.end_lineno - node.lineno + 1} lines)" for node in ast.walk(ast.parse(source))
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 80]

@@ -7,10 +7,11 @@ import pytest
 
 from conftest import needs_cuda
 from deeplab_cli.errors import WeightsError
-from deeplab_cli.model.network import build_onnx, check_weights
+from deeplab_cli.model.network import build_onnx, check_weights, floor_input_size, largefov_layers, sequential_names
 from deeplab_cli.model.runtime import open_session
 from deeplab_cli.synthetic import natural_image
-from golden_cases import golden_logits
+from golden_cases import golden_logits, port_cases
+from reference import PORT_INDEX, port_state_dict
 
 
 def run(model_path, image, pad_to=None):
@@ -73,6 +74,7 @@ def test_metadata(onnx_model):
     assert json.loads(meta["classes"])[15] == "person"
     assert json.loads(meta["mean_bgr"]) == [104.008, 116.669, 122.675]
     assert meta["source_sha256"] == "0" * 64
+    assert meta["pooling"] == "ceil"
 
 
 @pytest.fixture(scope="module")
@@ -131,6 +133,61 @@ def test_check_weights_accepts_legacy_bias_shape(weights):
     w, b = weights["fc7"]
     checked = check_weights(dict(weights, fc7=(w, b.reshape(1, 1, 1, -1))), "f")
     assert checked["fc7"][1].shape == (1024,)
+
+
+# -- the PyTorch port: poolings that round down ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", sorted(port_cases()))
+def test_floor_pooling_gives_the_ports_logits(port_model, weights, name):
+    image, pad_to = port_cases()[name]
+    assert_reference_logits(run(port_model, image, pad_to), name, image, weights)
+
+
+def test_floor_and_ceil_pooling_differ_where_a_side_is_even(onnx_model, port_model):
+    # The issue's example: 37 -> 19 -> 10 -> 6 scores in Caffe, 5 in PyTorch; 33 is odd all the way down.
+    assert run(onnx_model, np.zeros((37, 33, 3), np.uint8)).shape[1:] == (6, 5)
+    assert run(port_model, np.zeros((37, 33, 3), np.uint8)).shape[1:] == (5, 5)
+
+
+def pooled(side, ceil):
+    """A side after LargeFOV's three stride-2 poolings (kernel 3, pad 1), rounding up or down."""
+    for _ in range(3):
+        side = (side - 1 + ceil) // 2 + 1
+    return side
+
+
+@pytest.mark.parametrize("side", range(1, 100))
+def test_floor_input_size_is_where_both_roundings_agree_and_reach_the_last_pixel(side):
+    padded = floor_input_size(side)
+    assert padded >= side and padded % 8 == 1 and padded - side < 8
+    assert pooled(padded, ceil=False) == pooled(padded, ceil=True)
+    assert (pooled(padded, ceil=False) - 1) * 8 + 1 == padded  # Caffe's zoom-8 upsampling ends on its last pixel
+
+
+def test_sequential_names_number_the_layers_as_the_port_does():
+    assert {name: index for index, name in sequential_names(largefov_layers()).items()} == PORT_INDEX
+
+
+def test_check_weights_reads_a_ports_state_dict_keys(weights):
+    state = port_state_dict(weights)
+    layers = {key.removesuffix(".weight"): (state[key], state[key.removesuffix(".weight") + ".bias"])
+              for key in state if key.endswith(".weight")}
+    checked = check_weights(layers, "port.pth")
+    assert checked.keys() == weights.keys()
+    for name, (w, b) in weights.items():
+        assert np.array_equal(checked[name][0], w) and np.array_equal(checked[name][1], b)
+    del layers["module.features.38"]
+    with pytest.raises(WeightsError, match="missing layer fc8_voc12"):
+        check_weights(layers, "port.pth")
+
+
+def test_pooling_is_recorded_and_checked(weights, port_model):
+    meta = {p.key: p.value for p in onnx.load(str(port_model), load_external_data=False).metadata_props}
+    assert meta["pooling"] == "floor"
+    assert open_session(port_model, "cpu").pooling == "floor"
+    with pytest.raises(ValueError, match="pooling"):
+        build_onnx(check_weights(weights, "w"), classes=["a"] * 21, model_name="t", source_sha256="0", pooling="round")
 
 
 PROBS_CASES = [((37, 45), None), ((1, 1), None), ((30, 52), (65, 70))]  # (size, pad_to)

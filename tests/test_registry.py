@@ -15,6 +15,7 @@ from deeplab_cli.model import registry
 from deeplab_cli.errors import ModelError, WeightsError
 
 NAME, FILE = "largefov-voc12", "train2_iter_8000.caffemodel"
+PORT = "largefov-voc12-pytorch"
 
 
 @pytest.fixture
@@ -60,8 +61,21 @@ def test_largefov_voc12_is_registered_with_the_paper_settings():
     assert info.crf == {"bi_w": 4, "bi_xy_std": 121, "bi_rgb_std": 5, "pos_w": 3, "pos_xy_std": 3, "iters": 10}
 
 
+def test_the_pytorch_port_is_registered_with_its_own_conventions():
+    info = registry.known_models()[PORT]
+    assert registry.FALLBACK_MODEL == PORT
+    assert info.file == "model_last_20000_poly2.pth"
+    # Pinned at the port's commit 950b489, so the file under the URL cannot change; its git blob id checks it.
+    assert info.urls[0] == ("https://raw.githubusercontent.com/wangleihitcs/DeepLab-V1-PyTorch/"
+                            "950b489c43d539acd585d5296ae2a5a90360cbb4/exp/model_last_20000_poly2.pth")
+    assert info.git_blob_sha1 == "3c470b121d60e258a1bcd50363f5103e0d6b56c0"
+    assert info.pooling == "floor" and registry.get_model(NAME).pooling == "ceil"
+    assert info.classes == registry.get_model(NAME).classes and info.mean_bgr == (104.008, 116.669, 122.675)
+    assert info.crf == {"bi_w": 5, "bi_xy_std": 140, "bi_rgb_std": 5, "pos_w": 3, "pos_xy_std": 3, "iters": 10}
+
+
 def test_unknown_model_is_a_model_error_naming_the_known_ones():
-    with pytest.raises(ModelError, match=r"unknown model 'nope' \(known: largefov-voc12\)"):
+    with pytest.raises(ModelError, match=r"unknown model 'nope' \(known: largefov-voc12, largefov-voc12-pytorch\)"):
         registry.get_model("nope")
 
 
@@ -134,6 +148,8 @@ def test_models_list_shows_whether_cached(home):
     record = {"file": FILE, "sha256": "ab" * 32, "source": "http://x/" + FILE, "date": "2024-01-01T00:00:00+00:00"}
     (home / NAME / "source.json").write_text(json.dumps(record))
     assert run_cli("models", "list").stdout.startswith(f"{NAME}\tcached\t{'ab' * 32}\t")
+    # The default first, then the PyTorch port.
+    assert run_cli("models", "list").stdout.splitlines()[1].startswith(f"{PORT}\tnot cached\t-\tDeepLab-LargeFOV")
 
 
 def test_verified_needs_the_graph_the_record_its_weights_and_the_registry_sha256(home, monkeypatch):
@@ -235,3 +251,46 @@ def test_models_commands_refuse_an_unknown_name(home, largefov_file):
     for args in (("pull", "nope"), ("path", "nope"), ("rm", "nope"), ("import", largefov_file, "--name", "nope")):
         assert_one_line_error(run_cli("models", *args), ModelError.exit_code, "unknown model 'nope'")
     assert files_in(home) == []
+
+
+# -- a PyTorch port's .pth ---------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def port_pth(weights, tmp_path_factory) -> Path:
+    """The weights in the port's checkpoint layout, as PyTorch 1.2 saved it (the legacy format, on a GPU)."""
+    from pth_writer import write_pth
+    from reference import port_state_dict
+
+    path = tmp_path_factory.mktemp("pth") / "model_last_20000_poly2.pth"
+    write_pth(path, port_state_dict(weights), zip_format=False, location="cuda:0")
+    return path
+
+
+def test_a_pth_is_imported_as_the_pytorch_port_unless_a_name_says_otherwise(home, monkeypatch, port_pth,
+                                                                           largefov_file):
+    from deeplab_cli.model.download import git_blob_id
+
+    # The registry pins the real file's blob id; these random weights have their own.
+    models = registry.known_models()
+    models[PORT] = dataclasses.replace(models[PORT], git_blob_sha1=git_blob_id(port_pth))
+    monkeypatch.setattr(registry, "known_models", lambda: models)
+    result = run_cli("models", "import", port_pth)
+    assert result.exit_code == 0, result.output
+    assert result.stdout.strip() == str(home / PORT / "model.onnx")
+    assert f"deeplab: {PORT}: sha256 {sha256(port_pth)} imported from {port_pth}" in result.stderr
+    assert registry.model_for_file(port_pth).name == PORT and registry.model_for_file(largefov_file).name == NAME
+    assert run_cli("models", "import", port_pth, "--name", NAME).exit_code == 0
+    assert files_in(home) == [NAME, PORT]
+
+
+def test_models_import_checks_the_git_blob_id(home, monkeypatch, port_pth):
+    from deeplab_cli.model.download import git_blob_id
+
+    info = dataclasses.replace(registry.get_model(PORT), git_blob_sha1="0" * 40)
+    monkeypatch.setattr(registry, "known_models", lambda: {PORT: info})
+    assert_one_line_error(run_cli("models", "import", port_pth), ModelError.exit_code, str(port_pth),
+                          "git blob id", "0" * 40)
+    assert files_in(home) == []
+    info = dataclasses.replace(info, git_blob_sha1=git_blob_id(port_pth))
+    assert run_cli("models", "import", port_pth).exit_code == 0

@@ -224,3 +224,22 @@ def test_load_error_without_a_message_still_names_the_reason(monkeypatch):
     monkeypatch.setattr(onnxruntime, "InferenceSession", fail)
     with pytest.raises(RuntimeSetupError, match=r"^m\.onnx: cannot load the model \(RuntimeError\)$"):
         open_session("m.onnx", "cpu")
+
+
+def test_a_floor_pooling_network_is_padded_to_sizes_8k_plus_1(port_model, onnx_model, weights):
+    from deeplab_cli.synthetic import natural_image
+    from golden_cases import port_cases
+    from test_network import assert_reference_logits
+
+    port = open_session(port_model, "cpu")
+    name = "port: 40x64 seed 7 padded to 41x65"
+    image, _ = port_cases()[name]
+    assert_reference_logits(port.run(image[None])["logits"][0], name, image, weights)
+    assert port.padding((40, 64), None) == (41, 65)
+    assert port.padding((40, 64), (50, 30)) == (57, 65)  # --pad-to first, then up to 8k + 1
+    assert port.padding((33, 41), None) == (33, 41)
+    # Its scores then reach every pixel under Caffe's zoom-8 upsampling, as a ceil-pooling network's do.
+    h, w = port.run(natural_image(40, 64, seed=1)[None])["logits"].shape[2:]
+    assert (h - 1) * 8 + 1 >= 40 and (w - 1) * 8 + 1 >= 64
+    caffe = open_session(onnx_model, "cpu")
+    assert caffe.padding((40, 64), None) is None and caffe.padding((40, 64), (50, 30)) == (50, 30)

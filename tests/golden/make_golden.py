@@ -1,5 +1,6 @@
-"""Writes tests/golden/ from the independent references: pydensecrf's marginals (crf.json) and the PyTorch
-network's logits and end-to-end labels (network.json, network.npz), on tests/golden_cases.py's inputs.
+"""Writes tests/golden/ from the independent references: pydensecrf's marginals (crf.json), and the PyTorch
+network's logits and end-to-end labels and the PyTorch port's logits (network.json, network.npz), on
+tests/golden_cases.py's inputs.
 
 Run where the crosscheck extra is installed (torch, pydensecrf2), from anywhere:
 
@@ -20,7 +21,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: golden_c
 import golden_cases as cases  # noqa: E402
 from deeplab_cli.crf import CRFParams  # noqa: E402
 from deeplab_cli.synthetic import random_weights  # noqa: E402
-from reference import deeplab_labels, pydensecrf_marginals, torch_logits  # noqa: E402
+from reference import (deeplab_labels, port_logits, port_state_dict, pydensecrf_marginals,  # noqa: E402
+                       torch_logits)
 
 
 def crf_record(make):
@@ -43,6 +45,9 @@ def network_golden(weights):
         step = cases.SUBSAMPLE.get(name, 1)
         arrays[name] = torch_logits(weights, image, pad_to)[:, ::step, ::step].copy()
         meta["images"][name] = cases.sha256(image)
+    for name, (image, pad_to) in cases.port_cases().items():
+        arrays[name] = port_logits(port_state_dict(weights), image, pad_to)
+        meta["images"][name] = cases.sha256(image)
     with tempfile.TemporaryDirectory() as folder:
         for name, (image, crf, pad_to) in cases.label_cases(Path(folder)).items():
             arrays[name] = deeplab_labels(weights, image, crf=crf, pad_to=pad_to)
@@ -55,7 +60,8 @@ def main():
                                                     for name, make in cases.crf_cases().items()}}
     cases.CRF_FILE.write_text(json.dumps(crf, indent=1) + "\n")
     meta, arrays = network_golden(random_weights(seed=0))
-    meta["reference"] = "tests/reference.py: PyTorch 2.13.0 CPU, float64; labels with pydensecrf2 1.1"
+    meta["reference"] = ("tests/reference.py: PyTorch 2.13.0 CPU, float64; labels with pydensecrf2 1.1; "
+                         "port: cases from the port's own nn.Sequential")
     cases.NETWORK_FILE.write_text(json.dumps(meta, indent=1) + "\n")
     np.savez_compressed(cases.NETWORK_ARRAYS, **arrays)
 

@@ -134,7 +134,6 @@ def _pack_kernel(k: str, parts: Sequence[Lattice]) -> dict[str, np.ndarray]:
     """
     point_base = np.cumsum([0] + [p.n_points for p in parts])
     entry_base = np.cumsum([0] + [p.csr_pixel.size for p in parts])
-    real = int(point_base[-1])
     # Per old point: its pixel count, its first CSR entry, and the index of its image's first pixel.
     degree = np.concatenate([np.diff(p.csr_start) for p in parts] + [np.zeros(BUCKETS, np.int32)])
     start = np.concatenate([p.csr_start[:-1] + e for p, e in zip(parts, entry_base)] + [np.zeros(BUCKETS, np.int64)])

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from deeplab_cli.crf.params import DEFAULT_BACKEND, CRFParams
+from deeplab_cli.errors import InputError
 
 def parse_values(text: str) -> tuple[float, ...]:
     """'5:10:1' (start:stop:step, stop included), '4,5,6' or '4' -> the values. ValueError if malformed."""

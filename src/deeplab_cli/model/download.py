@@ -27,13 +27,12 @@ class Fetched(NamedTuple):
 
 @contextlib.contextmanager
 def fetch(
-    urls: list[str], directory: Path, *, sha256: str | None = None, check: Check | None = None,
-    progress: Progress | None = None, timeout: float = 60.0,
+    urls: list[str], directory: Path, *, sha256: str | None = None, git_blob_sha1: str | None = None,
+    check: Check | None = None, progress: Progress | None = None, timeout: float = 60.0,
 ) -> Iterator[Fetched]:
     """Download the first of `urls` that gives an acceptable file into a temporary file in `directory`.
 
-    A file is acceptable when it arrived whole, matches `sha256` (when given) and `check(path)` returns
-    None; otherwise it is deleted and the next URL is tried, since a mirror or an archive may serve an
+    A file is acceptable when it arrived whole, matches `sha256` and `git_blob_sha1` (each when given) and `check(path)` returns None; otherwise it is deleted and the next URL is tried, since a mirror or an archive may serve an
     error page or another file where the real one is missing. The yielded file is deleted on leaving the
     block unless the caller has renamed it, so nothing partial or rejected is ever left behind. Raises
     DownloadError (one line) naming every URL tried and why it failed.
@@ -50,6 +49,8 @@ def fetch(
                 digest = _copy(url, out, progress, timeout)
             if sha256 and digest != sha256.lower():
                 raise _Failed(f"SHA-256 {digest} does not match the expected {sha256}")
+            if git_blob_sha1 and (blob := git_blob_id(tmp)) != git_blob_sha1.lower():
+                raise _Failed(f"git blob id {blob} does not match the expected {git_blob_sha1}")
             if check and (reason := check(tmp)):
                 raise _Failed(reason)
         except _Failed as e:
@@ -69,6 +70,15 @@ def fetch(
 
 class _Failed(Exception):
     pass
+
+
+def git_blob_id(path: Path) -> str:
+    """The id git gives the file's bytes as a blob: SHA-1 of `blob <size>\\0` and the bytes."""
+    digest = hashlib.sha1(f"blob {path.stat().st_size}\0".encode())
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _copy(url: str, out, progress: Progress | None, timeout: float) -> str:
@@ -93,4 +103,5 @@ def _copy(url: str, out, progress: Progress | None, timeout: float) -> str:
         raise _Failed(f"transfer broke off after {received} of {total} bytes")
     if received == 0:
         raise _Failed("empty response")
+
     return digest.hexdigest()

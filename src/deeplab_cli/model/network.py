@@ -4,6 +4,9 @@ The graph takes what image decoders give, (N, H, W, 3) uint8 BGR, and does the c
 and NHWC -> NCHW change itself, so an accelerator does that work and the host sends a quarter of the
 bytes of a float32 tensor. It returns the fc8 scores at stride 8, (N, C, h, w) float32, with Caffe's
 rounding up: each stride-2 pooling maps a side of n to n // 2 + 1 (513 -> 65, 375 -> 48, 500 -> 64).
+A PyTorch port pools rounding down, (n - 1) // 2 + 1, which differs from Caffe's whenever n is even
+(37 -> 19 -> 10 -> 6 scores in Caffe, 5 in PyTorch); at sizes 8k + 1 every intermediate is odd and the two
+agree (`floor_input_size`).
 """
 
 from __future__ import annotations
@@ -60,18 +63,53 @@ def largefov_layers(num_classes: int = 21, fc8: str = "fc8_voc12") -> tuple[Conv
 
 
 Weights = Mapping[str, tuple[np.ndarray, np.ndarray]]
+POOLINGS = ("ceil", "floor")
+
+
+def floor_input_size(side: int) -> int:
+    """The smallest 8k + 1 >= side: where a floor-pooling network's scores reach the last pixel.
+
+    Caffe's zoom-8 upsampling puts score i on pixel 8i and needs (h - 1) * 8 + 1 >= side, which ceil pooling
+    always gives; floor pooling gives it at sizes 8k + 1, where both roundings agree (513 = 8 * 64 + 1)."""
+    return (side + 6) // 8 * 8 + 1
+
+
+def sequential_names(layers) -> dict[int, str]:
+    """Index in a PyTorch `nn.Sequential` of the layer table -> convolution name. PyTorch ports number a
+    convolution, its ReLU, and the dropout after fc6 and fc7 as separate modules (fc8 is features.38)."""
+    names, index = {}, 0
+    for layer in layers:
+        if isinstance(layer, Conv):
+            names[index] = layer.name
+            index += 1 + layer.relu + (layer.name in ("fc6", "fc7"))
+        else:
+            index += 1
+    return names
+
+
+def _by_layer_name(weights: Weights, layers) -> Weights:
+    """A state_dict's `[module.]features.N` keys (a PyTorch port, DataParallel or not) -> layer names."""
+    names = sequential_names(layers)
+    renamed = {}
+    for key, pair in weights.items():
+        index = key.removeprefix("module.").removeprefix("features.")
+        renamed[names.get(int(index), key) if index.isdigit() and key != index else key] = pair
+    return renamed
 
 
 def check_weights(
     weights: Weights, source: str, dilations: Mapping[str, int | None] | None = None,
     num_classes: int = 21, fc8: str = "fc8_voc12",
 ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """Check every convolution of LargeFOV is present with its shape; return float32 (OIHW, (O,)) arrays.
+    """Check every convolution of LargeFOV is present with its shape; return float32 (OIHW, (O,)) arrays
+by layer name. A PyTorch port's `[module.]features.N` keys are read as the layers they number.
 
     `dilations` holds what the file records (None where it records nothing). Raises WeightsError with one
     line naming `source` and everything wrong, so a user fixes the file in one go.
     """
-    convs = [layer for layer in largefov_layers(num_classes, fc8) if isinstance(layer, Conv)]
+    layers = largefov_layers(num_classes, fc8)
+    weights = _by_layer_name(weights, layers)
+    convs = [layer for layer in layers if isinstance(layer, Conv)]
     missing = [c.name for c in convs if c.name not in weights]
     if missing:
         found = ", ".join(sorted(weights)) or "none"
@@ -125,14 +163,15 @@ class _Graph:
 
 def build_onnx(
     weights: Weights, *, classes: list[str], model_name: str, source_sha256: str,
-    mean_bgr: tuple[float, float, float] = VOC_MEAN_BGR, fc8: str = "fc8_voc12", float16: bool = False,
-    with_probs: bool = False,
+    mean_bgr: tuple[float, float, float] = VOC_MEAN_BGR, fc8: str = "fc8_voc12", pooling: str = "ceil",
+    float16: bool = False, with_probs: bool = False,
 ):
     """Build the LargeFOV inference graph as an `onnx.ModelProto` from checked weights.
 
     Inputs: `image` (N, H, W, 3) uint8 BGR with N, H, W dynamic; `pad_to` (2,) int64, optional (defaults to
     [0, 0]): pad the bottom and right to at least this height and width with the mean, the paper's
-    513x513 test protocol. Output: `logits` (N, C, h, w) float32. With `float16` the convolutions run in
+    513x513 test protocol. Output: `logits` (N, C, h, w) float32. `pooling` "floor" rounds as a PyTorch port
+    does (a caller pads to `floor_input_size` for the upsampling). With `float16` the convolutions run in
     half precision while the inputs and outputs keep their types.
 
     `with_probs` adds what a GPU should finish before anything crosses back to the host: `probs`
@@ -143,9 +182,12 @@ def build_onnx(
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
+    if pooling not in POOLINGS:
+        raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
     g = _Graph()
     x, hw = _centred_padded(g, mean_bgr, float16)
-    x = _layers(g, x, weights, largefov_layers(len(classes), fc8), np.float16 if float16 else np.float32)
+    x = _layers(g, x, weights, largefov_layers(len(classes), fc8), np.float16 if float16 else np.float32,
+                ceil=pooling == "ceil")
     g.node("Cast", [x], "logits", to=TensorProto.FLOAT)
     outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", len(classes), "h", "w"])]
     if with_probs:
@@ -172,6 +214,7 @@ def build_onnx(
         "source_sha256": source_sha256,
         "precision": "float16" if float16 else "float32",
         "output_stride": "8",
+        "pooling": pooling,
     }
     helper.set_model_props(model, metadata)
     onnx.checker.check_model(model)
@@ -197,7 +240,7 @@ def _centred_padded(g: _Graph, mean_bgr: tuple[float, float, float], float16: bo
     return x, hw
 
 
-def _layers(g: _Graph, x: str, weights: Weights, layers, dtype) -> str:
+def _layers(g: _Graph, x: str, weights: Weights, layers, dtype, ceil: bool) -> str:
     """The VGG-16 trunk and the LargeFOV head on x, weights as `dtype`; returns the fc8 scores."""
     for layer in layers:
         if isinstance(layer, Pool):
@@ -205,7 +248,7 @@ def _layers(g: _Graph, x: str, weights: Weights, layers, dtype) -> str:
             op = "AveragePool" if layer.average else "MaxPool"
             extra = {"count_include_pad": 1} if layer.average else {}
             x = g.node(op, [x], layer.name, kernel_shape=[3, 3], strides=[layer.stride] * 2,
-                       pads=[1, 1, 1, 1], ceil_mode=1, **extra)
+                       pads=[1, 1, 1, 1], ceil_mode=int(ceil), **extra)
             continue
         w, b = weights[layer.name]
         x = g.node("Conv", [x, g.const(f"{layer.name}/W", w.astype(dtype)), g.const(f"{layer.name}/b", b.astype(dtype))],

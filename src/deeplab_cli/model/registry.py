@@ -27,7 +27,8 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-DEFAULT_MODEL = "largefov-voc12"
+DEFAULT_MODEL = "largefov-voc12"  # the authors' weights: the paper's model, computed as they computed it
+FALLBACK_MODEL = "largefov-voc12-pytorch"  # VOC weights on a host that answers, for when theirs cannot be had
 ENV_MIRROR, ENV_OFFLINE = "DEEPLAB_MIRROR", "DEEPLAB_OFFLINE"
 
 
@@ -43,6 +44,8 @@ class ModelInfo:
     fc8: str
     crf: dict = field(default_factory=dict)
     archive: str | None = None  # prefix that turns a published URL into its Internet Archive copy
+    git_blob_sha1: str | None = None  # the weights' git blob id, where a git repository hosts them
+    pooling: str = "ceil"  # how the network's poolings round: Caffe's "ceil", or PyTorch's "floor"
 
 
 @dataclass(frozen=True)
@@ -64,13 +67,14 @@ def _models_dir() -> Path:
 
 def known_models() -> dict[str, ModelInfo]:
     models = {}
-    for path in sorted(_models_dir().glob("*.toml")):
+    for path in sorted(_models_dir().glob("*.toml"), key=lambda p: (p.stem != DEFAULT_MODEL, p.name)):  # default first
         data = tomllib.loads(path.read_text())
         models[data["name"]] = ModelInfo(
             name=data["name"], description=data.get("description", ""), file=data["file"],
             urls=tuple(data.get("urls", ())), sha256=data.get("sha256") or None,
             classes=tuple(data["classes"]), mean_bgr=tuple(data["mean_bgr"]), fc8=data["fc8"],
             crf=dict(data.get("crf", {})), archive=data.get("archive") or None,
+            git_blob_sha1=data.get("git_blob_sha1") or None, pooling=data.get("pooling", "ceil"),
         )
     return models
 
@@ -206,8 +210,8 @@ def pull(info: ModelInfo, progress=None) -> Path:
         return None
 
     try:
-        with fetch(download_urls(info), weights_path(info).parent, sha256=info.sha256, check=unusable,
-                   progress=progress) as fetched:
+        with fetch(download_urls(info), weights_path(info).parent, sha256=info.sha256,
+                   git_blob_sha1=info.git_blob_sha1, check=unusable, progress=progress) as fetched:
             os.replace(fetched.path, weights_path(info))
     except DownloadError as e:
         raise DownloadError(f"{e}; if you can get {info.file} (or an .npz of its arrays) some other way, run "
@@ -220,6 +224,7 @@ def import_file(info: ModelInfo, source: Path) -> tuple[Path, str]:
     """Convert a local weight file into the cache under `info.name`, keep it there under its own name (an
     .npz stays an .npz) and record it. Returns (ONNX path, SHA-256)."""
     from deeplab_cli.io.outputs import atomic_write
+    from deeplab_cli.model.download import git_blob_id
     from deeplab_cli.model.weights import sha256_file
 
     kept = cache_dir() / info.name / source.name
@@ -228,6 +233,8 @@ def import_file(info: ModelInfo, source: Path) -> tuple[Path, str]:
     digest = sha256_file(source)
     if info.sha256 and digest != info.sha256.lower():
         raise ModelError(f"{source}: SHA-256 {digest} does not match {info.name}'s {info.sha256}")
+    if info.git_blob_sha1 and (blob := git_blob_id(source)) != info.git_blob_sha1.lower():
+        raise ModelError(f"{source}: git blob id {blob} does not match {info.name}'s {info.git_blob_sha1}")
     export(source, onnx_path(info), info)
     if source.resolve() != kept.resolve():
         atomic_write(kept, lambda tmp: shutil.copyfile(source, tmp))
@@ -257,6 +264,41 @@ def ensure(info: ModelInfo, float16: bool = False, gpu: bool = False, progress=N
     return path
 
 
+def ensure_default(float16: bool = False, gpu: bool = False, progress=None) -> tuple[ModelInfo, Path, str | None]:
+    """The model to use when none is named: (its info, its graph as `ensure` gives it, a line for the user
+    when it is not DEFAULT_MODEL).
+
+    The authors' weights when cached or fetched; else the fallback's. A cached fallback is used without
+    trying the authors' hosts again, so a batch job does not wait on dead servers at every start."""
+    authors, port = get_model(DEFAULT_MODEL), get_model(FALLBACK_MODEL)
+    if not _has_weights(authors) and _has_weights(port):
+        return port, ensure(port, float16, gpu, progress), (
+            f"using {port.name}: {authors.name} is not in the cache ({cache_dir()}) and {port.name} is; "
+            f"`deeplab models pull {authors.name}` fetches the authors' weights, -m chooses a model")
+    try:
+        return authors, ensure(authors, float16, gpu, progress), None
+    except ModelError as e:
+        failure = e
+    try:
+        path = ensure(port, float16, gpu, progress)
+    except ModelError as e:
+        raise ModelError(f"{failure}; the fallback {port.name} could not be had either: {e}") from None
+    return port, path, (f"using {port.name}: {authors.name} could not be fetched (`deeplab models pull "
+                        f"{authors.name}` says why); -m chooses a model")
+
+
+def model_for_file(source: str | os.PathLike) -> ModelInfo:
+    """The registry model a weight file belongs to when the user names none: a PyTorch state_dict is the
+    port's, anything else the authors'."""
+    from deeplab_cli.model.weights import weights_format
+
+    return get_model(FALLBACK_MODEL if weights_format(source) == "pth" else DEFAULT_MODEL)
+
+
+def _has_weights(info: ModelInfo) -> bool:
+    return onnx_path(info).is_file() or cached_weights(info) is not None
+
+
 def remove(info: ModelInfo) -> bool:
     """Delete the model's cache folder; False when there was nothing to delete."""
     directory = cache_dir() / info.name
@@ -268,7 +310,7 @@ def remove(info: ModelInfo) -> bool:
 
 def export(source: str | os.PathLike, out: str | os.PathLike, info: ModelInfo, *, float16: bool = False,
            with_probs: bool = False) -> str:
-    """Convert a .caffemodel or .npz to the ONNX graph at `out`; return the source's SHA-256.
+    """Convert a .caffemodel, .pth or .npz to the ONNX graph at `out`; return the source's SHA-256.
 
     Raises WeightsError when `source` is unreadable or not DeepLab-LargeFOV; `out` is then untouched.
     """
@@ -282,6 +324,7 @@ def export(source: str | os.PathLike, out: str | os.PathLike, info: ModelInfo, *
     checked = check_weights(weights.arrays, os.fspath(source), weights.dilations,
                             num_classes=len(info.classes), fc8=info.fc8)
     model = build_onnx(checked, classes=list(info.classes), model_name=info.name, source_sha256=weights.sha256,
-                       mean_bgr=info.mean_bgr, fc8=info.fc8, float16=float16, with_probs=with_probs)
+                       mean_bgr=info.mean_bgr, fc8=info.fc8, pooling=info.pooling, float16=float16,
+                       with_probs=with_probs)
     atomic_write(Path(out), lambda tmp: onnx.save(model, os.fspath(tmp)))
     return weights.sha256

@@ -27,15 +27,26 @@ class Session:
     classes: list[str]
     model_name: str
     device_id: int = 0
+    pooling: str = "ceil"  # the graph's metadata: "floor" for a PyTorch port's network
 
     def run(self, images: np.ndarray, pad_to: tuple[int, int] | None = None,
             outputs: tuple[str, ...] = ("logits",)) -> dict[str, np.ndarray]:
         """(N, H, W, 3) uint8 BGR -> the named outputs: `logits` (N, C, h, w) float32 at stride 8, and with a
         graph exported `with_probs`, `probs` (N, C, H, W) float32 and `labels` (N, H, W) uint8."""
         feeds = {"image": images}
-        if pad_to is not None:
-            feeds["pad_to"] = np.asarray(pad_to, np.int64)
+        if (pad := self.padding(images.shape[1:3], pad_to)) is not None:
+            feeds["pad_to"] = np.asarray(pad, np.int64)
         return dict(zip(outputs, self.ort_session.run(list(outputs), feeds)))
+
+    def padding(self, size: tuple[int, int], pad_to: tuple[int, int] | None) -> tuple[int, int] | None:
+        """What the graph pads (H, W) images to: `pad_to` as asked, and for a floor-pooling network further, to
+        sizes 8k + 1, the only ones where its scores cover the image (`network.floor_input_size`)."""
+        if self.pooling != "floor":
+            return pad_to
+        from deeplab_cli.model.network import floor_input_size
+
+        height, width = size if pad_to is None else (max(size[0], pad_to[0]), max(size[1], pad_to[1]))
+        return floor_input_size(height), floor_input_size(width)
 
     def run_keeping(self, images: np.ndarray, pad_to: tuple[int, int] | None, keep: str,
                     fetch: tuple[str, ...] = ()) -> tuple[object, dict[str, np.ndarray]]:
@@ -43,8 +54,8 @@ class Session:
         a graph that reads it there (the CRF's); only the `fetch` outputs come back to the host."""
         binding = self.ort_session.io_binding()
         binding.bind_cpu_input("image", np.ascontiguousarray(images))
-        if pad_to is not None:
-            binding.bind_cpu_input("pad_to", np.asarray(pad_to, np.int64))
+        if (pad := self.padding(images.shape[1:3], pad_to)) is not None:
+            binding.bind_cpu_input("pad_to", np.asarray(pad, np.int64))
         binding.bind_output(keep, "cuda" if self.provider == CUDA else "cpu", self.device_id)
         for name in fetch:
             binding.bind_output(name, "cpu")
@@ -175,4 +186,5 @@ def open_session(model_path: str | os.PathLike, device: str = "auto", threads: i
         classes = json.loads(meta.get("classes", "[]"))
     except ValueError:
         raise ModelError(f"{model_path}: the model's 'classes' metadata is not JSON") from None
-    return Session(session, active, classes, meta.get("model_name", os.fspath(model_path)), device_id)
+    return Session(session, active, classes, meta.get("model_name", os.fspath(model_path)), device_id,
+                   meta.get("pooling", "ceil"))

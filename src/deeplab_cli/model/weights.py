@@ -1,4 +1,5 @@
-"""Reading source weights (.caffemodel in either layout, .npz of OIHW arrays) as data, never as code."""
+"""Reading source weights (.caffemodel in either layout, a PyTorch .pth state_dict, .npz of OIHW arrays) as
+data, never as code."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from deeplab_cli.errors import WeightsError
+from deeplab_cli.model import pth
 
 
 @dataclass(frozen=True)
@@ -30,17 +32,31 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-def load_weights(path: str | os.PathLike) -> SourceWeights:
-    """Read a `.caffemodel` or a `.npz` (`<layer>/W`, `<layer>/b`), chosen by content, not by name."""
-    path = Path(path)
+def weights_format(path: str | os.PathLike) -> str:
+    """"pth", "npz" or "caffemodel", told by content, not by name. Raises WeightsError when unreadable."""
     try:
         with open(path, "rb") as f:
-            magic = f.read(4)
+            head = f.read(64)
     except OSError as e:
         raise WeightsError(f"{path}: cannot read ({e.strerror or e})") from None
-    if not magic:
+    if not head:
         raise WeightsError(f"{path}: empty file")
-    arrays, dilations = _read_npz(path) if magic == b"PK\x03\x04" else _read_caffemodel(path)
+    if pth.is_pth(path):
+        return "pth"
+    return "npz" if head.startswith(b"PK\x03\x04") else "caffemodel"
+
+
+def load_weights(path: str | os.PathLike) -> SourceWeights:
+    """Read a `.caffemodel`, a `.pth` (`<layer>.weight`, `<layer>.bias`) or a `.npz` (`<layer>/W`,
+    `<layer>/b`), chosen by content."""
+    path = Path(path)
+    kind = weights_format(path)
+    if kind == "pth":
+        arrays, dilations = _read_pth(path), {}
+    elif kind == "npz":
+        arrays, dilations = _read_npz(path)
+    else:
+        arrays, dilations = _read_caffemodel(path)
     return SourceWeights(arrays, dilations, sha256_file(path))
 
 
@@ -54,6 +70,19 @@ def _read_caffemodel(path: Path):
             arrays[name] = (layer.blobs[0], layer.blobs[1])
             dilations[name] = layer.dilation
     return arrays, dilations
+
+
+def _read_pth(path: Path):
+    state = pth.read_pth(path)
+    arrays = {}
+    for key, weight in state.items():
+        layer = key.removesuffix(".weight")
+        if layer != key and f"{layer}.bias" in state:
+            arrays[layer] = (weight, state[f"{layer}.bias"])
+    if not arrays:
+        raise WeightsError(f"{path}: no tensors named <layer>.weight and <layer>.bias "
+                           f"(found: {', '.join(sorted(state)) or 'none'})")
+    return arrays
 
 
 def _read_npz(path: Path):

@@ -23,15 +23,13 @@ from deeplab_cli.model import runtime
 from deeplab_cli.run import lanes, pipeline, scheduling, stop
 from deeplab_cli.run.stages import Result, Settings
 
-DEFAULT_MODEL = "largefov-voc12"
-
 
 @dataclass(frozen=True)
 class SegmentRequest:
     """What `deeplab segment` asks for, as its options give it (None: decided here)."""
 
     out: Path
-    model: str = DEFAULT_MODEL  # a registry name, or a path to an .onnx file
+    model: str | None = None  # a registry name, a path to an .onnx file, or None: registry.ensure_default
     device: str = "auto"
     threads: int | None = None  # onnxruntime threads per worker
     workers: int | None = None  # processes; 0: everything in this process
@@ -61,6 +59,8 @@ class Run:
     folder: Path  # the output folder, where images dropped by a stop leave temporaries
     notes: list[str] = field(default_factory=list)  # lines for the user: the device chosen, fewer workers
     ray_driver: bool = False  # Ray's driver prints to stdout while the results are iterated
+    model: str = ""  # the registry name, or the .onnx file, that runs
+    warnings: list[str] = field(default_factory=list)  # lines shown even with -q: the default model replaced
 
     def drive(self, grace: float, on_result: Callable[[Result], None]) -> Counter:
         """Call on_result for each result as it comes; return the count of each status.
@@ -103,16 +103,16 @@ def segment_images(jobs: list[Job], request: SegmentRequest, progress: Callable 
         raise UsageError(f"--device: {e}") from None
     if request.engine == "ray" and request.workers is not None:
         raise UsageError("--jobs: Ray schedules the CRF tasks itself; leave --jobs out")
-    model_path, crf_defaults = resolve_model(request.model, gpu, request.float16, progress)
+    model, model_path, crf_defaults, warning = resolve_model(request.model, gpu, request.float16, progress)
     crf = params.merge(crf_defaults, request.crf_file, request.crf_overrides) if request.crf else None
     if request.crf and request.crf_backend:
         check_backend(request.crf_backend)
     settings = Settings(out=request.out, formats=request.formats, max_size=request.max_size, pad_to=request.pad_to,
                         crf=crf, alpha=request.alpha, overwrite=request.overwrite,
                         crf_backend=request.crf_backend or "numba", max_pixels=request.max_pixels)
-    if request.engine == "ray":
-        return _on_ray(jobs, request, model_path, settings)
-    return _here(jobs, request, model_path, settings)
+    run = _on_ray(jobs, request, model_path, settings) if request.engine == "ray" else \
+        _here(jobs, request, model_path, settings)
+    return replace(run, model=model, warnings=[warning] if warning else [])
 
 
 def _on_ray(jobs: list[Job], request: SegmentRequest, model_path: Path, settings: Settings) -> Run:
@@ -150,16 +150,20 @@ def _here(jobs: list[Job], request: SegmentRequest, model_path: Path, settings: 
     return Run(results, len(jobs), provider, request.out, notes)
 
 
-def resolve_model(model: str, gpu: bool = False, float16: bool = False,
-                  progress: Callable | None = None) -> tuple[Path, dict]:
-    """A model name from the registry (pulled when missing) or a path to an .onnx file -> (path, its CRF
-    defaults). For a GPU the registry's graph with the upsampling inside is used (converted on first use)."""
+def resolve_model(model: str | None, gpu: bool = False, float16: bool = False,
+                  progress: Callable | None = None) -> tuple[str, Path, dict, str | None]:
+    """A model name from the registry (pulled when missing), a path to an .onnx file, or None for the default
+    -> (what runs, its path, its CRF defaults, a line saying why the default was replaced, or None). For a
+    GPU the registry's graph with the upsampling inside is used (converted on first use)."""
     from deeplab_cli.model import registry
 
+    if model is None:
+        info, path, warning = registry.ensure_default(float16, gpu, progress=progress)
+        return info.name, path, info.crf, warning
     if model.endswith(".onnx") or os.sep in model:
-        return Path(model), {}
+        return model, Path(model), {}, None
     info = registry.get_model(model)
-    return registry.ensure(info, float16, gpu, progress=progress), info.crf
+    return model, registry.ensure(info, float16, gpu, progress=progress), info.crf, None
 
 
 def prepare_out(out: Path, classes) -> None:
