@@ -126,3 +126,13 @@ def test_bad_range_is_a_usage_error(labelled_set):
     root = labelled_set
     result = invoke("crf", "tune", root / "img", root / "logits", "--gt", root / "gt", "--bi-w", "9:1:1")
     assert result.exit_code == 2 and "START:STOP:STEP" in result.output
+
+
+def test_ground_truth_of_another_size_is_an_input_error_naming_it(labelled_set):
+    from deeplab_cli.errors import InputError
+
+    root = labelled_set
+    write_index_png(root / "gt/0.png", np.zeros((10, 12), np.uint8), voc_palette())
+    sample = Sample(root / "img/0.png", root / "logits/0.logits.npz", root / "gt/0.png")
+    with pytest.raises(InputError, match=r"gt/0.png: ground truth is 10x12, image is 57x73$"):
+        sample_confusions(sample, [CRFParams(iters=1)], 21)
