@@ -4,7 +4,7 @@
     python benchmarks/render.py run.json --markdown BENCHMARKS.md   # each section between its markers there
     python benchmarks/render.py crf.json --section crf --markdown BENCHMARKS.md
 
-The measuring scripts (benchmarks/run.py, crf.py, bigimage.py, memory_cap.py) write their measurements
+The measuring scripts (benchmarks/run.py, crf.py, bigimage.py, memory_cap.py, int8.py) write their measurements
 with `--json FILE` ('-': stdout); this turns them into markdown. Their own `--markdown FILE` renders
 through this module too. A section lies between two lines of the file,
 
@@ -18,6 +18,7 @@ the table belongs first. The sections, by the data that fills them:
     run             benchmarks/run.py              run-gpu         benchmarks/run.py --gpu-only
     crf             benchmarks/crf.py              crf-graph-DEV   benchmarks/crf.py --device DEV (cpu, cuda)
     bigimage        benchmarks/bigimage.py         memory-cap      benchmarks/memory_cap.py
+    int8            benchmarks/int8.py
 
 The standard library only: the tests render without measuring anything, and rendering needs neither
 deeplab_cli nor numpy.
@@ -37,7 +38,8 @@ from pathlib import Path
 TARGETS = {"serial": 1.5, "pytorch": 1.6, "matmul": 0.85, "outside": 0.05, "labels": 0.999,
            "gpu fp16": 300.0, "crf bound": 0.9, "tune": 3.0, "crf 1 thread": 2.5, "crf 2 threads": 3.0,
            "crf labels": 0.9999, "crf dq": 1e-5, "compile": 10.0,
-           "graph dq": 1e-3, "gpu crf ms": 10.0, "gpu segment": 100.0, "gpu vs cores": 5.0}
+           "graph dq": 1e-3, "gpu crf ms": 10.0, "gpu segment": 100.0, "gpu vs cores": 5.0,
+           "int8 segment": 1.6, "int8 labels": 0.96}
 LABEL_CHECKS = {  # pipeline -> the check comparing its labels with the serial baseline's
     "segment": "labels: segment == serial, CRF on",
     "segment pydensecrf": "labels: segment --crf-backend pydensecrf == serial",
@@ -503,8 +505,44 @@ def memory_cap_sections(data: dict) -> dict[str, str]:
                           f"{data['cores']} cores):\n\n{memory_cap_table(data)}"}
 
 
+# ---------------------------------------------------------------- benchmarks/int8.py
+
+
+def int8_table(data: dict) -> str:
+    rows = []
+    for threads, row in data["network"].items():
+        rows.append([f"network alone, {threads} thread{'s' * (threads != '1')}", f"{row['fp32'] * 1e3:.0f} ms",
+                     f"{row['int8'] * 1e3:.0f} ms", f"{row['fp32'] / row['int8']:.2f}x"])
+    fp32, int8 = data["segment"]["fp32"], data["segment"]["int8"]
+    rows.append([f"deeplab segment, CRF on, {data['cores']} cores (steady state)", f"{fp32['rate']:.2f} img/s",
+                 f"{int8['rate']:.2f} img/s", f"{int8['rate'] / fp32['rate']:.2f}x"])
+    rows.append([f"  same, raw ({fp32['images']} images, start-up included)", f"{fp32['raw_seconds']:.1f} s",
+                 f"{int8['raw_seconds']:.1f} s", f"{fp32['raw_seconds'] / int8['raw_seconds']:.2f}x"])
+    return markdown_table(["", "fp32", "int8", "int8 speed-up"], rows)
+
+
+def int8_checks(data: dict) -> str:
+    segment = data["segment"]
+    rows = [check_row("segment with the CRF, int8 / fp32", segment["int8"]["rate"] / segment["fp32"]["rate"],
+                      TARGETS["int8 segment"], higher=True),
+            check_row("labels equal to fp32's after the CRF", data["agreement"], TARGETS["int8 labels"], higher=True,
+                      percent=True)]
+    return markdown_table(["check", "measured", "target", ""], rows)
+
+
+def int8_sections(data: dict) -> dict[str, str]:
+    vnni = {True: "has", False: "has no", None: "cannot tell whether it has"}[data["fast_int8_cpu"]]
+    lines = [f"Measured by `{command_line(data)}`; the CPU {vnni} int8 dot products (VNNI, AMX):", "",
+             *[f"- {line}" for line in data["machine"]], "", int8_table(data), "", int8_checks(data), "",
+             f"- labels equal to fp32's after the CRF: {100 * data['agreement']:.2f}% of pixels, "
+             f"{100 * data['agreement_min']:.2f}% on the least equal image",
+             f"- `deeplab models quantize` on {data['calibration_images']} images: {data['quantize_seconds']:.0f} s, "
+             "its own held-out measurement included"]
+    return {"int8": "\n".join(lines)}
+
+
 RENDERERS = {"run": run_sections, "crf": crf_sections, "bigimage": bigimage_sections,
-             "memory-cap": memory_cap_sections}
+             "memory-cap": memory_cap_sections, "int8": int8_sections}
 
 
 # ---------------------------------------------------------------- command line

@@ -84,6 +84,27 @@ def largefov_caffemodel(weights, tmp_path_factory):
     return path
 
 
+@pytest.fixture(scope="session")
+def quantized_home(largefov_caffemodel, tmp_path_factory):
+    """(a folder with `home`, a DEEPLAB_HOME holding the default model and its int8 graph, and `photos`, 5
+    small images the graph was calibrated on 3 of; what `deeplab models quantize` printed)."""
+    import cv2
+
+    from deeplab_cli.model import registry
+
+    root = tmp_path_factory.mktemp("int8")
+    photos = root / "photos"
+    photos.mkdir()
+    for i in range(5):
+        cv2.imwrite(str(photos / f"{i}.png"), natural_image(40 + 8 * i, 56, seed=50 + i))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("DEEPLAB_HOME", str(root / "home"))
+        patch.delenv("DEEPLAB_OFFLINE", raising=False)
+        registry.import_file(registry.get_model(registry.DEFAULT_MODEL), largefov_caffemodel)
+        result = run_cli("models", "quantize", "--calibrate", photos, "--count", "3")
+    return root, result
+
+
 @pytest.fixture
 def deeplab_home(tmp_path, monkeypatch):
     """An empty DEEPLAB_HOME, with no mirror or offline setting leaking in from the caller's shell."""

@@ -271,6 +271,27 @@ def cells(table: str) -> list[list[str]]:
     return [[cell.strip() for cell in line.strip("|").split("|")] for line in table.splitlines()]
 
 
+def test_int8_measurements_render_as_the_expected_tables():
+    data = {"benchmark": "int8", "command": "python benchmarks/int8.py --images 4", "machine": ["CPU: x", "Python y"],
+            "fast_int8_cpu": False, "cores": 2, "quantize_seconds": 14.6, "calibration_images": 8,
+            "network": {"1": {"fp32": 1.6, "int8": 0.4}, "2": {"fp32": 0.8, "int8": 0.25}},
+            "segment": {"fp32": {"rate": 0.5, "raw_seconds": 10.0, "images": 4},
+                        "int8": {"rate": 0.9, "raw_seconds": 6.0, "images": 4}},
+            "agreement": 0.9712, "agreement_min": 0.955}
+    intro, machine, table, checks, notes = render.sections(data)["int8"].split("\n\n")
+    assert intro == ("Measured by `PYTHONPATH=src python benchmarks/int8.py --images 4`; the CPU has no int8 dot "
+                     "products (VNNI, AMX):")
+    assert machine == "- CPU: x\n- Python y"
+    assert cells(table)[2:] == [
+        ["network alone, 1 thread", "1600 ms", "400 ms", "4.00x"],
+        ["network alone, 2 threads", "800 ms", "250 ms", "3.20x"],
+        ["deeplab segment, CRF on, 2 cores (steady state)", "0.50 img/s", "0.90 img/s", "1.80x"],
+        ["same, raw (4 images, start-up included)", "10.0 s", "6.0 s", "1.67x"]]
+    assert cells(checks)[2:] == [["segment with the CRF, int8 / fp32", "1.80", ">= 1.6", "PASS"],
+                                 ["labels equal to fp32's after the CRF", "97.12%", ">= 96%", "PASS"]]
+    assert notes.splitlines()[0] == "- labels equal to fp32's after the CRF: 97.12% of pixels, 95.50% on the least equal image"
+
+
 def test_bigimage_and_memory_cap_measurements_render_as_the_expected_tables():
     bigimage = {"benchmark": "bigimage", "command": "python benchmarks/bigimage.py --small", "rows": [
         {"image": "24 MP JPEG", "step": "deeplab segment -j 0", "seconds": 2.9, "peak": 799.4, "error": None,
@@ -383,7 +404,7 @@ def test_render_command_writes_between_markers_or_refuses_in_one_line(tmp_path):
     assert done.returncode == 2 and "no data for section(s) bigimage" in done.stderr
 
 
-@pytest.mark.parametrize("script", ["run.py", "crf.py", "bigimage.py", "memory_cap.py"])
+@pytest.mark.parametrize("script", ["run.py", "crf.py", "bigimage.py", "memory_cap.py", "int8.py"])
 def test_a_benchmark_refuses_a_file_without_its_markers_before_measuring(tmp_path, script):
     bare = tmp_path / "BENCHMARKS.md"
     bare.write_text("# hand-written only\n")
@@ -396,4 +417,4 @@ def test_a_benchmark_refuses_a_file_without_its_markers_before_measuring(tmp_pat
 
 def test_benchmarks_md_has_a_marker_pair_for_every_section():
     render.require_sections(BENCHMARKS.parent / "BENCHMARKS.md",
-                            ["run", "run-gpu", "crf", "crf-graph-cpu", "bigimage", "memory-cap"])
+                            ["run", "run-gpu", "crf", "crf-graph-cpu", "bigimage", "memory-cap", "int8"])

@@ -368,3 +368,20 @@ def test_sigterm_stops_a_ray_run_with_143_and_a_rerun_resumes(cluster, onnx_mode
     rerun = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     assert len(list(out.rglob("*.png"))) == 12
+
+
+def test_ray_runs_the_int8_graph_as_the_local_engine_does(cluster, quantized_home, tmp_path, monkeypatch):
+    import json
+
+    from deeplab_cli.io.outputs import read_index_png
+    from test_quantize import masks, segment
+
+    monkeypatch.setenv("DEEPLAB_HOME", str(quantized_home[0] / "home"))
+    photos = quantized_home[0] / "photos"
+    ray = segment(photos, tmp_path / "ray", "--precision", "int8", "--engine", "ray", "--address", cluster)
+    assert ray.exit_code == 0, ray.output
+    assert all(json.loads(line)["model"] == "largefov-voc12" for line in ray.stdout.splitlines())
+    assert segment(photos, tmp_path / "local", "--precision", "int8", "-j", "0").exit_code == 0
+    local = masks(tmp_path / "local")
+    assert local.keys() == masks(tmp_path / "ray").keys() and len(local) == 5
+    assert all((read_index_png(tmp_path / "ray" / name) == mask).all() for name, mask in local.items())

@@ -59,6 +59,39 @@ def pull(name, force):
     click.echo(registry.onnx_path(info))  # on stdout either way, for scripts
 
 
+@models.command()
+@click.argument("name", required=False)
+@click.option("--calibrate", "folder", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True,
+              help="Folder of images like the ones you will segment (sub-folders included).")
+@click.option("--count", type=click.IntRange(min=1), default=8, show_default=True,
+              help="Images to calibrate on; up to 8 of the next ones measure the result.")
+def quantize(name, folder, count):
+    """Make the int8 graph of a model for `segment --precision int8`; print its path.
+
+    It is calibrated on your images, then compared with float32 after the CRF on other images of the
+    folder: the share of pixels whose label is float32's goes to stderr, with a warning when it is low.
+    """
+    from deeplab_cli.model import registry
+    from deeplab_cli.run.quantize import LOW_AGREEMENT, quantize_model
+
+    info = registry.get_model(name) if name else registry.ensure_default(progress=download_progress())[0]
+    report = quantize_model(info, folder, count, download_progress())
+    for problem in report.problems:
+        click.echo(f"deeplab: {problem}", err=True)
+    click.echo(f"deeplab: {info.name}: int8 graph calibrated on {report.calibrated} images", err=True)
+    if report.mean is None:
+        click.echo(f"deeplab: no image of {folder} was left to measure it on: give it more than --count images",
+                   err=True)
+    else:
+        lowest = min(report.agreement.values())
+        click.echo(f"deeplab: int8 labels equal fp32's on {100 * report.mean:.2f}% of pixels after the CRF "
+                   f"({len(report.agreement)} held-out images, lowest {100 * lowest:.2f}%)", err=True)
+    if report.low:
+        click.echo(f"deeplab: warning: below {100 * LOW_AGREEMENT:.0f}%: int8 changes many labels on images like "
+                   "these; calibrate on more of them, or keep fp32", err=True)
+    click.echo(report.path)
+
+
 @models.command("import")
 @click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--name", help="[largefov-voc12-pytorch for a .pth, else largefov-voc12]")

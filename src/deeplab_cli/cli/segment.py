@@ -26,7 +26,10 @@ from deeplab_cli.cli.common import (batch_options, crf_options, crf_overrides, d
               help="Longer side the network sees; larger images are scaled down, results brought back. 0: no limit.")
 @click.option("--pad-to", type=click.IntRange(min=1),
               help="Pad bottom/right with the mean to this size, as the paper's test protocol (513).")
-@click.option("--fp16", is_flag=True, help="The float16 graph (for GPUs; a registry model only).")
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]),
+              help="The network's numerics [fp32, as the paper]: fp16 for GPUs; int8 for CPUs, faster and not the "
+                   "paper's (`deeplab models quantize` makes it). Registry models only.")
+@click.option("--fp16", is_flag=True, help="--precision fp16.")
 @click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True,
               help="Run here, or on a Ray cluster (pip install 'deeplab-cli[ray]').")
 @click.option("--address", help="Ray cluster to join (default: RAY_ADDRESS, else a local Ray instance).")
@@ -34,7 +37,7 @@ from deeplab_cli.cli.common import (batch_options, crf_options, crf_overrides, d
 @click.option("--crf/--no-crf", default=True, show_default=True, help="Refine with the fully connected CRF.")
 @crf_options
 def segment(inputs, out, recursive, null, overwrite, shard, as_json, quiet, grace, max_pixels, model, device, threads,
-            jobs, batch_size, max_size, pad_to, fp16, engine, address, formats, alpha, crf, crf_backend, crf_params,
+            jobs, batch_size, max_size, pad_to, precision, fp16, engine, address, formats, alpha, crf, crf_backend, crf_params,
             **crf_opts):
     """Segment images: files, folders, or `-` for a list of paths on stdin.
 
@@ -45,9 +48,11 @@ def segment(inputs, out, recursive, null, overwrite, shard, as_json, quiet, grac
     """
     from deeplab_cli.run.segment import SegmentRequest, segment_images
 
+    if fp16 and precision not in (None, "fp16"):
+        raise click.BadOptionUsage("fp16", f"--fp16 is --precision fp16; it contradicts --precision {precision}")
     request = SegmentRequest(
         out=out, model=model, device=device, threads=threads, workers=jobs, batch_size=batch_size,
-        max_size=max_size or None, pad_to=pad_to, float16=fp16, engine=engine, address=address,
+        max_size=max_size or None, pad_to=pad_to, precision=precision or ("fp16" if fp16 else "fp32"), engine=engine, address=address,
         formats=tuple(dict.fromkeys(formats or ("index",))), alpha=alpha, overwrite=overwrite,
         max_pixels=pixel_limit(max_pixels), crf=crf, crf_backend=crf_backend, crf_file=crf_params,
         crf_overrides=crf_overrides(crf_opts))

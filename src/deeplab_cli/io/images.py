@@ -30,6 +30,7 @@ from deeplab_cli.errors import InputError, UsageError
 # overlay output; anything larger deserves a deliberate --max-pixels.
 DEFAULT_MAX_PIXELS = 500_000_000
 MAX_PIXELS_ENV = "DEEPLAB_MAX_PIXELS"
+DEFAULT_MAX_SIZE = 513  # the longer side the network sees by default: the paper's test size
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # File signatures, only to say *why* a file failed to decode; OpenCV sniffs formats on its own.

@@ -5,7 +5,8 @@ Cache layout: `$DEEPLAB_HOME/<name>/<source file>` (the weights, kept for re-con
 file name for a download, the file's own name for an import), `source.json` (that file's name, SHA-256,
 the URL it came from or the path it was imported from, and the date) and `model.onnx`, with
 `model.gpu.onnx` / `model.gpu.fp16.onnx` (the graph with the upsampling and softmax inside, in
-float32 / float16) converted from the weights on first use. DEEPLAB_HOME defaults to
+float32 / float16) converted from the weights on first use, and `model.int8.onnx`, which
+`deeplab models quantize` calibrates on the user's images. DEEPLAB_HOME defaults to
 the user cache directory; point it at a shared filesystem to pull once for a whole cluster.
 """
 
@@ -96,6 +97,19 @@ def weights_path(info: ModelInfo) -> Path:
 
 def onnx_path(info: ModelInfo, float16: bool = False, gpu: bool = False) -> Path:
     return cache_dir() / info.name / ("model" + ".gpu" * gpu + ".fp16" * float16 + ".onnx")
+
+
+def int8_path(info: ModelInfo) -> Path:
+    return cache_dir() / info.name / "model.int8.onnx"
+
+
+def quantized(info: ModelInfo) -> Path:
+    """The cached int8 graph (`deeplab models quantize`); ModelError saying how to make it when missing."""
+    path = int8_path(info)
+    if not path.is_file():
+        raise ModelError(f"{info.name} has no int8 graph in the cache ({cache_dir()}); run `deeplab models quantize "
+                         f"{info.name} --calibrate DIR` on a folder of images like yours first")
+    return path
 
 
 def source_path(info: ModelInfo) -> Path:
@@ -285,6 +299,16 @@ def ensure_default(float16: bool = False, gpu: bool = False, progress=None) -> t
         raise ModelError(f"{failure}; the fallback {port.name} could not be had either: {e}") from None
     return port, path, (f"using {port.name}: {authors.name} could not be fetched (`deeplab models pull "
                         f"{authors.name}` says why); -m chooses a model")
+
+
+def default_quantized() -> tuple[ModelInfo, str | None]:
+    """The model whose int8 graph runs when none is named: the authors' when it has one, else the
+    fallback's when that has one (with a line for the user), else the authors' (`quantized` then says
+    how to make it)."""
+    authors, port = get_model(DEFAULT_MODEL), get_model(FALLBACK_MODEL)
+    if not int8_path(authors).is_file() and int8_path(port).is_file():
+        return port, f"using {port.name}: it has an int8 graph and {authors.name} has none; -m chooses a model"
+    return authors, None
 
 
 def model_for_file(source: str | os.PathLike) -> ModelInfo:

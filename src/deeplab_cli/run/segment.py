@@ -17,9 +17,10 @@ from collections import Counter
 from typing import Any, Callable, Generator, Mapping
 
 from deeplab_cli.errors import UsageError
-from deeplab_cli.io.images import DEFAULT_MAX_PIXELS
+from deeplab_cli.io.images import DEFAULT_MAX_PIXELS, DEFAULT_MAX_SIZE
 from deeplab_cli.io.inputs import Job
 from deeplab_cli.model import runtime
+from deeplab_cli.model.quantize import slow_int8_note
 from deeplab_cli.run import lanes, pipeline, scheduling, stop
 from deeplab_cli.run.stages import Result, Settings
 
@@ -34,9 +35,9 @@ class SegmentRequest:
     threads: int | None = None  # onnxruntime threads per worker
     workers: int | None = None  # processes; 0: everything in this process
     batch_size: int | None = None
-    max_size: int | None = 513
+    max_size: int | None = DEFAULT_MAX_SIZE
     pad_to: int | None = None
-    float16: bool = False
+    precision: str = "fp32"  # or "fp16" (GPUs), "int8" (CPUs, a graph `deeplab models quantize` made)
     engine: str = "local"  # or "ray"
     address: str | None = None
     formats: tuple[str, ...] = ("index",)
@@ -103,7 +104,7 @@ def segment_images(jobs: list[Job], request: SegmentRequest, progress: Callable 
         raise UsageError(f"--device: {e}") from None
     if request.engine == "ray" and request.workers is not None:
         raise UsageError("--jobs: Ray schedules the CRF tasks itself; leave --jobs out")
-    model, model_path, crf_defaults, warning = resolve_model(request.model, gpu, request.float16, progress)
+    model, model_path, crf_defaults, warning = resolve_model(request.model, gpu, request.precision, progress)
     crf = params.merge(crf_defaults, request.crf_file, request.crf_overrides) if request.crf else None
     if request.crf and request.crf_backend:
         check_backend(request.crf_backend)
@@ -112,6 +113,8 @@ def segment_images(jobs: list[Job], request: SegmentRequest, progress: Callable 
                         crf_backend=request.crf_backend or "numba", max_pixels=request.max_pixels)
     run = _on_ray(jobs, request, model_path, settings) if request.engine == "ray" else \
         _here(jobs, request, model_path, settings)
+    if request.precision == "int8" and (note := slow_int8_note()):
+        run.notes.append(note)
     return replace(run, model=model, warnings=[warning] if warning else [])
 
 
@@ -150,20 +153,29 @@ def _here(jobs: list[Job], request: SegmentRequest, model_path: Path, settings: 
     return Run(results, len(jobs), provider, request.out, notes)
 
 
-def resolve_model(model: str | None, gpu: bool = False, float16: bool = False,
+def resolve_model(model: str | None, gpu: bool = False, precision: str = "fp32",
                   progress: Callable | None = None) -> tuple[str, Path, dict, str | None]:
     """A model name from the registry (pulled when missing), a path to an .onnx file, or None for the default
     -> (what runs, its path, its CRF defaults, a line saying why the default was replaced, or None). For a
-    GPU the registry's graph with the upsampling inside is used (converted on first use)."""
+    GPU the registry's graph with the upsampling inside is used (converted on first use); for int8 the
+    graph `deeplab models quantize` made."""
     from deeplab_cli.model import registry
 
-    if model is None:
-        info, path, warning = registry.ensure_default(float16, gpu, progress=progress)
-        return info.name, path, info.crf, warning
-    if model.endswith(".onnx") or os.sep in model:
+    if precision == "int8" and gpu:
+        raise UsageError("--precision int8: int8 graphs are for CPUs; on CUDA use --precision fp16, "
+                         "or --device cpu for int8")
+    if model is not None and (model.endswith(".onnx") or os.sep in model):
+        if precision != "fp32":
+            raise UsageError(f"--precision {precision}: for registry models; {model} runs as it was exported")
         return model, Path(model), {}, None
+    if precision == "int8":  # made from the cached float32 graph: nothing to fetch
+        info, warning = (registry.get_model(model), None) if model else registry.default_quantized()
+        return info.name, registry.quantized(info), info.crf, warning
+    if model is None:
+        info, path, warning = registry.ensure_default(precision == "fp16", gpu, progress=progress)
+        return info.name, path, info.crf, warning
     info = registry.get_model(model)
-    return model, registry.ensure(info, float16, gpu, progress=progress), info.crf, None
+    return model, registry.ensure(info, precision == "fp16", gpu, progress=progress), info.crf, None
 
 
 def prepare_out(out: Path, classes) -> None:

@@ -23,7 +23,8 @@ from deeplab_cli import crf as crf_backends
 from deeplab_cli.io import outputs
 from deeplab_cli.crf import CRFParams
 from deeplab_cli.errors import InputError, OutputError
-from deeplab_cli.io.images import DEFAULT_MAX_PIXELS, header_size, load_image, network_size, resize_for_network, resize_to
+from deeplab_cli.io.images import (DEFAULT_MAX_PIXELS, DEFAULT_MAX_SIZE, header_size, load_image, network_size,
+                                    resize_for_network, resize_to)
 from deeplab_cli.io.inputs import Job
 from deeplab_cli.model.upsample import labels_at_size, scores_to_probs
 
@@ -40,7 +41,7 @@ FORMAT_SUFFIXES = {
 class Settings:
     out: Path
     formats: tuple[str, ...] = ("index",)
-    max_size: int | None = 513
+    max_size: int | None = DEFAULT_MAX_SIZE
     pad_to: int | None = None
     crf: CRFParams | None = CRFParams()
     alpha: float = 0.5
