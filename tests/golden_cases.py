@@ -17,6 +17,7 @@ from deeplab_cli.synthetic import natural_image, noise_image, probabilities, sof
 
 GOLDEN = Path(__file__).resolve().parent / "golden"
 CRF_FILE, NETWORK_FILE, NETWORK_ARRAYS = GOLDEN / "crf.json", GOLDEN / "network.json", GOLDEN / "network.npz"
+DENSECRF_FILE = GOLDEN / "densecrf.json"
 
 
 def sha256(*arrays) -> str:
@@ -140,6 +141,143 @@ def check_crf(name, image, probs, q):
     assert record["log_p"] == golden["log_p"], f"{name}: the unary changed (meanfield.log_probs)"
     assert q.dtype == np.float32 and q.shape == probs.shape
     assert record == golden, f"{name}: the marginals differ from pydensecrf's"
+
+
+# ---------------------------------------------------------------- the pydensecrf API (deeplab_cli.densecrf)
+
+
+def _compat(seed, n_labels, kind):
+    """A float32 compatibility, "diag" (M,) or "matrix" (M, M), from a default_rng stream (the same bits
+    everywhere)."""
+    shape = (n_labels,) if kind == "diag" else (n_labels, n_labels)
+    return np.random.default_rng(seed).uniform(-4, 8, shape).astype(np.float32)
+
+
+def _readme(dcrf, utils, height=48, width=64, n_labels=5, gaussian=3, bilateral=10, steps=None, **options):
+    """pydensecrf's README example: unary_from_softmax, a Gaussian term (sxy 3) and a bilateral one (sxy 80,
+    srgb 13), `options` as keyword arguments to both, 5 iterations (or `steps` of stepInference). The
+    probabilities are float64, whose log rounds to the same float32 unary on every machine."""
+    image = natural_image(height, width, seed=7)
+    # (probabilities' arrays are not all C-contiguous, and pydensecrf takes only those)
+    unary = np.ascontiguousarray(utils.unary_from_softmax(probabilities(image, n_labels, seed=3).astype(np.float64)))
+    crf = dcrf.DenseCRF2D(width, height, n_labels)
+    crf.setUnaryEnergy(unary)
+    crf.addPairwiseGaussian(sxy=3, compat=gaussian, **options)
+    crf.addPairwiseBilateral(sxy=80, srgb=13, rgbim=image, compat=bilateral, **options)
+    return [image, unary], _infer(crf, 5, steps)
+
+
+def _infer(crf, iterations, steps):
+    """np.array(Q) after crf.inference(iterations), or after startInference and `steps` stepInference."""
+    if steps is None:
+        return np.array(crf.inference(iterations))
+    q, tmp1, tmp2 = crf.startInference()
+    for _ in range(steps):
+        crf.stepInference(q, tmp1, tmp2)
+    return np.array(q)
+
+
+def _deeplab(dcrf, utils, image, n_labels, iterations=10, order="gb", normalization="NORMALIZE_AFTER",
+             compat=(3.0, 4.0), gaussian_sxy=3, bilateral=(121, 5), steps=None):
+    """DeepLab's CRF through the API (the engine's own form with the defaults): the unary is the engine's
+    log of synthetic probabilities; terms in `order` (g: Gaussian, b: bilateral)."""
+    height, width = image.shape[:2]
+    unary = -_log_probs(probabilities(image, n_labels, sharpness=3.0))  # (C, N), C-contiguous
+    crf = dcrf.DenseCRF2D(width, height, n_labels)
+    crf.setUnaryEnergy(unary)
+    for term in order:
+        if term == "g":
+            crf.addPairwiseGaussian(sxy=gaussian_sxy, compat=compat[0], normalization=getattr(dcrf, normalization))
+        else:
+            crf.addPairwiseBilateral(sxy=bilateral[0], srgb=bilateral[1], rgbim=image, compat=compat[1],
+                                     normalization=getattr(dcrf, normalization))
+    return [image, unary], _infer(crf, iterations, steps)
+
+
+def _log_probs(probs):
+    from deeplab_cli.crf.meanfield import log_probs
+
+    return log_probs(probs)
+
+
+def _from_labels(dcrf, utils, zero_unsure):
+    """unary_from_labels (gt_prob 0.7) of a label map with 0 (unknown where zero_unsure) and 3 labels."""
+    image = natural_image(30, 40, seed=4)
+    labels = np.random.default_rng(4).integers(0, 4, (30, 40))
+    n_labels = 3 if zero_unsure else 4
+    unary = utils.unary_from_labels(labels, n_labels, gt_prob=0.7, zero_unsure=zero_unsure)
+    crf = dcrf.DenseCRF2D(40, 30, n_labels)
+    crf.setUnaryEnergy(unary)
+    crf.addPairwiseGaussian(sxy=3, compat=3)
+    crf.addPairwiseBilateral(sxy=80, srgb=13, rgbim=image, compat=10)
+    return [labels, unary], _infer(crf, 5, None)
+
+
+def _features(dcrf, utils, dims, n_labels=6):
+    """A generic DenseCRF over 300 points with random `dims`-dimensional features, and a 2-D term."""
+    rng = np.random.default_rng(dims)
+    features = (rng.standard_normal((dims, 300)) * 2).astype(np.float32)
+    unary = -_log_probs(probabilities(noise_image(15, 20), n_labels)).reshape(n_labels, -1)
+    crf = dcrf.DenseCRF(300, n_labels)
+    crf.setUnaryEnergy(unary)
+    crf.addPairwiseEnergy(features, compat=5.0, normalization=dcrf.NORMALIZE_AFTER)
+    crf.addPairwiseEnergy(utils.create_pairwise_gaussian((2, 3), (15, 20)), compat=_compat(dims, n_labels, "matrix"))
+    return [features, unary], _infer(crf, 4, None)
+
+
+def densecrf_cases():
+    """name -> function(dcrf, utils) giving (inputs, Q): the program run on pydensecrf's modules or on
+    deeplab_cli.densecrf's, its input arrays (hashed), and its (M, N) float32 marginals."""
+    def readme(**kw):
+        return lambda dcrf, utils: _readme(dcrf, utils, **kw)
+
+    def deeplab(image, n_labels, **kw):
+        return lambda dcrf, utils: _deeplab(dcrf, utils, image, n_labels, **kw)
+
+    cases = {
+        "README example": readme(),
+        "README example, matrix compat": readme(gaussian=_compat(1, 5, "matrix"), bilateral=_compat(2, 5, "matrix")),
+        "README example, diagonal compat": readme(gaussian=_compat(1, 5, "diag"), bilateral=_compat(2, 5, "diag")),
+        "README example, stepInference x5": readme(steps=5),
+        "README example, matrix compat, stepInference x3": readme(gaussian=_compat(3, 5, "matrix"), steps=3),
+        "README example, FULL_KERNEL, 7 labels (not a multiple of 4)": readme(n_labels=7, kernel=2),
+        "DeepLab's CRF (the engine's fast path)": deeplab(natural_image(60, 80, seed=1), 21),
+        "DeepLab's CRF, 0 iterations": deeplab(natural_image(60, 80, seed=1), 21, iterations=0),
+        "kernels in the other order": deeplab(natural_image(60, 80, seed=1), 21, order="bg"),
+        "Gaussian kernel alone": deeplab(natural_image(60, 80, seed=1), 21, order="g"),
+        "bilateral kernel alone": deeplab(natural_image(60, 80, seed=1), 21, order="b"),
+        "no pairwise term": deeplab(natural_image(20, 30, seed=1), 21, order=""),
+        "two Gaussian kernels, sx != sy": deeplab(natural_image(40, 50, seed=2), 5, order="gg",
+                                                  gaussian_sxy=(2.0, 5.0)),
+        "bilateral with one std per channel": deeplab(natural_image(40, 50, seed=2), 5,
+                                                      bilateral=((60, 90), (4, 9, 15))),
+        "1 label": deeplab(noise_image(20, 30), 1),
+        "2 labels (seqCompute)": deeplab(noise_image(20, 30), 2),
+        "3 labels": deeplab(noise_image(20, 30), 3),
+        "21 labels": deeplab(noise_image(20, 30), 21, normalization="NORMALIZE_SYMMETRIC"),
+        "255 labels": deeplab(noise_image(12, 16), 255, normalization="NORMALIZE_SYMMETRIC"),
+        "255 labels, matrix compat": deeplab(noise_image(5, 7), 255, compat=(_compat(5, 255, "matrix"), 4.0)),
+        "1x1": deeplab(noise_image(1, 1), 21, normalization="NORMALIZE_SYMMETRIC"),
+        "1xN": deeplab(noise_image(1, 37), 21, normalization="NORMALIZE_SYMMETRIC"),
+        "7x13": deeplab(noise_image(7, 13), 21, normalization="NORMALIZE_SYMMETRIC"),
+        "7x13, matrix compat": deeplab(noise_image(7, 13), 6, compat=(_compat(6, 6, "matrix"),
+                                                                      _compat(7, 6, "matrix"))),
+        "unary_from_labels, zero_unsure": lambda dcrf, utils: _from_labels(dcrf, utils, True),
+        "unary_from_labels, not zero_unsure": lambda dcrf, utils: _from_labels(dcrf, utils, False),
+        "stepInference on DeepLab's CRF": deeplab(natural_image(30, 40, seed=5), 21, steps=4),
+    }
+    for normalization in ("NO_NORMALIZATION", "NORMALIZE_BEFORE", "NORMALIZE_AFTER", "NORMALIZE_SYMMETRIC"):
+        cases[f"{normalization}"] = deeplab(natural_image(40, 50, seed=3), 8, iterations=5,
+                                            normalization=normalization)
+    for dims in (1, 2, 3, 4, 5, 6):
+        cases[f"addPairwiseEnergy, {dims}-D features"] = lambda dcrf, utils, d=dims: _features(dcrf, utils, d)
+    return cases
+
+
+def densecrf_record(inputs, q):
+    """What densecrf.json holds for one case: the SHA-256 of the inputs, of Q and of its argmax labels."""
+    q = np.asarray(q, np.float32)
+    return {"inputs": sha256(*inputs), "q": sha256(q), "labels": sha256(q.argmax(0).astype(np.uint8))}
 
 
 # ---------------------------------------------------------------- the network

@@ -45,3 +45,8 @@ class UsageError(DeeplabError):
     """The command line asks for something inconsistent."""
 
     exit_code = 2
+
+
+class DenseCRFError(DeeplabError, ValueError):
+    """A `deeplab_cli.densecrf` call that cannot run: arguments of the wrong shape or type (a ValueError,
+    as pydensecrf raises), or a CRF the engine cannot compute exactly as pydensecrf does."""

@@ -7,6 +7,9 @@ The stages, from the definition to the fast paths:
 - `meanfield`: the engine's iterations over those lattices, on `threads`;
 - `plain` and `simd`: its two compiled kernel sets (plain numba, and hand-written SIMD IR), equal
   bit for bit; `meanfield.compiled()` picks one per process;
+- `general` and its numpy definition `reference_terms`: pydensecrf's mean field for any list of
+  pairwise terms (normalisations, Potts / diagonal / matrix compatibilities), behind
+  `deeplab_cli.densecrf`, pydensecrf's API;
 - `graph`: the iterations as an ONNX graph, for onnxruntime's providers (GPUs);
 - `tune`: DeepLab's cross-validation of the settings on one image;
 - `backends`: one call (`dense_crf`) over the engine, pydensecrf and the graph.

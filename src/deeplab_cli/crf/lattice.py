@@ -79,24 +79,29 @@ class Lattice:
         return _alpha(self.dims)
 
 
-def gaussian_features(height: int, width: int, sxy: float) -> np.ndarray:
-    """(H*W, 2) float32 features (x / sxy, y / sxy) of `addPairwiseGaussian`, pixels row-major."""
-    s = np.float32(sxy)
+def gaussian_features(height: int, width: int, sxy: float | tuple[float, float]) -> np.ndarray:
+    """(H*W, 2) float32 features (x / sx, y / sy) of `addPairwiseGaussian`, pixels row-major.
+
+    sxy: one std for both axes, or (sx, sy); rounded to float32 as pydensecrf's float arguments are.
+    """
+    sx, sy = np.broadcast_to(np.asarray(sxy, np.float32), (2,))
     features = np.empty((height, width, 2), np.float32)
-    features[..., 0] = np.arange(width, dtype=np.float32) / s
-    features[..., 1] = (np.arange(height, dtype=np.float32) / s)[:, None]
+    features[..., 0] = np.arange(width, dtype=np.float32) / sx
+    features[..., 1] = (np.arange(height, dtype=np.float32) / sy)[:, None]
     return features.reshape(-1, 2)
 
 
-def bilateral_features(image_rgb: np.ndarray, sxy: float, srgb: float) -> np.ndarray:
+def bilateral_features(image_rgb: np.ndarray, sxy: float | tuple[float, float],
+                       srgb: float | tuple[float, float, float]) -> np.ndarray:
     """(H*W, 5) float32 features (x, y, r, g, b scaled by 1/sxy, 1/srgb) of `addPairwiseBilateral`.
 
     image_rgb: (H, W, 3) uint8; the channel order matters to the lattice, pass RGB as DeepLab did.
+    sxy: as `gaussian_features`; srgb: one std for the three channels, or (sr, sg, sb).
     """
     height, width = image_rgb.shape[:2]
     features = np.empty((height, width, 5), np.float32)
     features[..., :2] = gaussian_features(height, width, sxy).reshape(height, width, 2)
-    np.divide(image_rgb, np.float32(srgb), out=features[..., 2:], dtype=np.float32)
+    np.divide(image_rgb, np.asarray(srgb, np.float32), out=features[..., 2:], dtype=np.float32)
     return features.reshape(-1, 5)
 
 

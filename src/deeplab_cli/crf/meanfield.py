@@ -165,16 +165,19 @@ def prepare(image_rgb: np.ndarray, params: CRFSettings, threads: int = 1) -> Ker
     return Kernels(height, width, gaussian, bilateral)
 
 
-def mean_field(kernels: Kernels, probs: np.ndarray, params: CRFSettings, threads: int = 1) -> np.ndarray:
+def mean_field(kernels: Kernels, probs: np.ndarray, params: CRFSettings, threads: int = 1,
+               unary_given: bool = False) -> np.ndarray:
     """Mean-field marginals Q, (C, H, W) float32, a view of a fresh (H*W, C) array (class fastest).
 
     probs: (C, H, W) float32 probabilities of the image `kernels` were prepared from. Uses
     params.pos_w, params.bi_w and params.iters (the stds are the kernels'). threads: threads used
     inside this one image; the result does not depend on it. iters == 0 returns probs renormalised.
+    unary_given: probs holds -unary itself (pydensecrf's -U, C-contiguous), used as is instead of
+    log max(p, tiny) (`deeplab_cli.densecrf`'s case).
     """
     _check_probs(probs, kernels.height, kernels.width)
     compiled()  # chosen before this thread's workspace is in use: choosing runs a mean field
-    start = _Start(probs, threads, workspace())
+    start = _Start(probs, threads, workspace(), unary_given)
     start.run(threads, initial_q=False)
     return _iterate(kernels, start, params, threads)
 
@@ -265,7 +268,7 @@ class _Start:
     """What the mean fields of one image share whatever the settings: -unary, and Q's buffer, from
     the workspace `ws` (a thread's or a grid's own)."""
 
-    def __init__(self, probs: np.ndarray, threads: int, ws: Workspace) -> None:
+    def __init__(self, probs: np.ndarray, threads: int, ws: Workspace, unary_given: bool = False) -> None:
         self.probs = probs
         self.n_labels, self.height, self.width = probs.shape
         n = self.height * self.width
@@ -273,8 +276,12 @@ class _Start:
         self.row_width = -(-self.n_labels // code.LANES) * code.LANES
         self.seq = self.n_labels <= 2  # pydensecrf filters one or two labels with seqCompute
         self.ws = ws
-        self.p_floor = ws.take("p_floor", (self.n_labels, n))  # max(p, tiny)
-        self.log_p = ws.take("log_p", (self.n_labels, n))  # its log: out of place, which vectorises
+        self.unary_given = unary_given
+        if unary_given:
+            self.log_p = probs.reshape(self.n_labels, n)
+        else:
+            self.p_floor = ws.take("p_floor", (self.n_labels, n))  # max(p, tiny)
+            self.log_p = ws.take("log_p", (self.n_labels, n))  # its log: out of place, which vectorises
         self.neg_unary = ws.take("neg_unary", (n, self.row_width))
         # Rows of all pixels to gather from, or a chunk's rows that the pass splats as it goes.
         self.gather = threads > 1 or n * self.row_width * 4 <= _CACHED_BYTES
@@ -283,11 +290,12 @@ class _Start:
         self.has_initial_q = False
 
     def run(self, threads: int, initial_q: bool) -> None:
-        """neg_unary = log max(p, tiny) in padded rows (`log_probs`' numbers) and, if `initial_q`
+        """neg_unary = log max(p, tiny) (or the -unary given) in padded rows (`log_probs`' numbers) and, if `initial_q`
         (rows of all pixels), rows = softmax(-unary)."""
         n = self.height * self.width
-        np.maximum(self.probs.reshape(self.n_labels, n), _MIN_PROB, out=self.p_floor)
-        parallel_for(compiled().log_columns, n, threads, self.p_floor, self.log_p)
+        if not self.unary_given:
+            np.maximum(self.probs.reshape(self.n_labels, n), _MIN_PROB, out=self.p_floor)
+            parallel_for(compiled().log_columns, n, threads, self.p_floor, self.log_p)
         parallel_for(compiled().pad_rows, n, threads, self.log_p, self.neg_unary)
         if initial_q:
             _run_pass(self, threads, self.no_out, False)
