@@ -4,9 +4,9 @@
     python benchmarks/render.py run.json --markdown BENCHMARKS.md   # each section between its markers there
     python benchmarks/render.py crf.json --section crf --markdown BENCHMARKS.md
 
-The measuring scripts (benchmarks/run.py, crf.py, bigimage.py, memory_cap.py, int8.py) write their measurements
-with `--json FILE` ('-': stdout); this turns them into markdown. Their own `--markdown FILE` renders
-through this module too. A section lies between two lines of the file,
+The measuring scripts (benchmarks/run.py, crf.py, bigimage.py, memory_cap.py, int8.py, densecrf.py)
+write their measurements with `--json FILE` ('-': stdout); this turns them into markdown. Their own
+`--markdown FILE` renders through this module too. A section lies between two lines of the file,
 
     <!-- begin: NAME -->
     <!-- end: NAME -->
@@ -18,7 +18,7 @@ the table belongs first. The sections, by the data that fills them:
     run             benchmarks/run.py              run-gpu         benchmarks/run.py --gpu-only
     crf             benchmarks/crf.py              crf-graph-DEV   benchmarks/crf.py --device DEV (cpu, cuda)
     bigimage        benchmarks/bigimage.py         memory-cap      benchmarks/memory_cap.py
-    int8            benchmarks/int8.py
+    int8            benchmarks/int8.py             densecrf        benchmarks/densecrf.py
 
 The standard library only: the tests render without measuring anything, and rendering needs neither
 deeplab_cli nor numpy.
@@ -541,8 +541,23 @@ def int8_sections(data: dict) -> dict[str, str]:
     return {"int8": "\n".join(lines)}
 
 
+# ---------------------------------------------------------------- benchmarks/densecrf.py
+
+
+def densecrf_sections(data: dict) -> dict[str, str]:
+    threads = str(data["threads"])
+    header = ["normalisation", "deeplab_cli.densecrf runs it on", "pydensecrf2, 1 thread", "ours, 1 thread",
+              "speed-up", f"ours, {threads} threads", "speed-up", "Q bit-identical"]
+    rows = [[r["normalization"], r["path"], f"{r['pydensecrf'] * 1e3:.0f} ms", f"{r['ours']['1'] * 1e3:.0f} ms",
+             f"{r['pydensecrf'] / r['ours']['1']:.2f}x", f"{r['ours'][threads] * 1e3:.0f} ms",
+             f"{r['pydensecrf'] / r['ours'][threads]:.2f}x", "yes" if r["identical"] else "NO"] for r in data["rows"]]
+    lines = [f"Measured by `{command_line(data)}`:", "", *[f"- {line}" for line in data["machine"]], "",
+             markdown_table(header, rows)]
+    return {"densecrf": "\n".join(lines)}
+
+
 RENDERERS = {"run": run_sections, "crf": crf_sections, "bigimage": bigimage_sections,
-             "memory-cap": memory_cap_sections, "int8": int8_sections}
+             "memory-cap": memory_cap_sections, "int8": int8_sections, "densecrf": densecrf_sections}
 
 
 # ---------------------------------------------------------------- command line

@@ -340,3 +340,37 @@ def golden_labels(name):
     """The reference's (H, W) uint8 labels for label case `name`, and its input's SHA-256 then."""
     with np.load(NETWORK_ARRAYS) as arrays:
         return arrays[name], load(NETWORK_FILE)["images"][name]
+
+
+# ---------------------------------------------------------------- `deeplab crf` on any model's scores
+
+SCORES_FILE = GOLDEN / "scores.npz"
+
+
+def score_cases():
+    """name -> (BGR image, --scores kind, the scores file's array, extra options): `deeplab crf` on
+    another model's output. The label maps are noisy: the true segments with a fifth of pixels wrong."""
+    cases = {}
+    image = natural_image(60, 83, seed=21)
+    rgb = np.ascontiguousarray(image[..., ::-1])
+    cases["probs at the image's size"] = (image, "probs", probabilities(rgb, 21, seed=3), [])
+    small = natural_image(15, 21, seed=22)  # a model's output at a quarter of the size, brought up bilinearly
+    cases["probs at a quarter of the size"] = (image, "probs", probabilities(small[..., ::-1], 21, seed=4), [])
+    cases["probs of 5 classes"] = (image, "probs", probabilities(rgb, 5, seed=5), ["--classes", "5"])
+    truth = probabilities(rgb, 21, seed=6, sharpness=4.0).argmax(0).astype(np.uint8)
+    noisy = truth.copy()
+    rng = np.random.default_rng(7)
+    wrong = rng.random(truth.shape) < 0.2
+    noisy[wrong] = rng.integers(0, 21, int(wrong.sum()))
+    cases["labels, gt_prob 0.7"] = (image, "labels", noisy, ["--gt-prob", "0.7"])
+    unknown = noisy.copy()
+    unknown[rng.random(truth.shape) < 0.3] = 255
+    cases["labels, gt_prob 0.6, 255 unknown"] = (image, "labels", unknown, ["--gt-prob", "0.6", "--ignore-label", "255"])
+    return cases
+
+
+def golden_scores(name, image, scores):
+    """The reference's (H, W) uint8 labels for score case `name`, after checking its inputs."""
+    with np.load(SCORES_FILE) as arrays:
+        assert sha256(image, scores) == str(arrays[f"{name}/inputs"]), f"{name}: the inputs changed"
+        return arrays[f"{name}/labels"]

@@ -191,6 +191,50 @@ def pydensecrf_marginals(image_rgb, probs, params, normalization="after"):
     return np.asarray(crf.inference(params.iters), np.float32).reshape(c, h, w)
 
 
+def bilinear_half_pixel(probs, height, width):
+    """(C, h, w) -> (C, height, width) float64: bilinear with half-pixel centres and clamped edges (OpenCV's
+    INTER_LINEAR and PyTorch's align_corners=False geometry), written from that definition."""
+    def axis(n_in, n_out):
+        position = np.clip((np.arange(n_out) + 0.5) * n_in / n_out - 0.5, 0, n_in - 1)
+        lo = np.floor(position).astype(int)
+        hi = np.minimum(lo + 1, n_in - 1)
+        return lo, hi, position - lo
+    (y0, y1, fy), (x0, x1, fx) = axis(probs.shape[1], height), axis(probs.shape[2], width)
+    p = probs.astype(np.float64)
+    top = p[:, y0][:, :, x0] * (1 - fx) + p[:, y0][:, :, x1] * fx
+    bottom = p[:, y1][:, :, x0] * (1 - fx) + p[:, y1][:, :, x1] * fx
+    return top * (1 - fy)[:, None] + bottom * fy[:, None]
+
+
+def pydensecrf_on_scores(image_bgr, kind, scores, gt_prob=0.7, ignore=None, n_labels=21):
+    """What pydensecrf gives with DeepLab's settings on another model's scores: (H, W) uint8 labels.
+
+    probs: brought to the image's size by `bilinear_half_pixel`, unary -log max(p, float32 tiny) as
+    DeepLab's CRF, with deeplab_cli's log, as `pydensecrf_marginals` (numpy's float32 log differs from
+    glibc's logf by an ulp here and there); labels: pydensecrf's own `unary_from_labels` (zero_unsure=False), pixels of the
+    `ignore` label given the uniform unary -log(1 / n_labels)."""
+    import pytest
+
+    dcrf = pytest.importorskip("pydensecrf.densecrf")
+    from pydensecrf.utils import unary_from_labels
+
+    h, w = image_bgr.shape[:2]
+    if kind == "probs":
+        from deeplab_cli.crf.meanfield import log_probs
+
+        unary = -log_probs(bilinear_half_pixel(scores, h, w).astype(np.float32))
+    else:
+        unknown = scores == ignore
+        unary = unary_from_labels(np.where(unknown, 0, scores), n_labels, gt_prob, zero_unsure=False)
+        unary[:, unknown.reshape(-1)] = -np.log(1.0 / n_labels)
+    crf = dcrf.DenseCRF2D(w, h, len(unary))
+    crf.setUnaryEnergy(np.ascontiguousarray(unary, np.float32))
+    crf.addPairwiseGaussian(sxy=3, compat=3, kernel=dcrf.DIAG_KERNEL, normalization=dcrf.NORMALIZE_AFTER)
+    crf.addPairwiseBilateral(sxy=121, srgb=5, rgbim=np.ascontiguousarray(image_bgr[..., ::-1]), compat=4,
+                             kernel=dcrf.DIAG_KERNEL, normalization=dcrf.NORMALIZE_AFTER)
+    return np.asarray(crf.inference(10)).reshape(len(unary), h, w).argmax(0).astype(np.uint8)
+
+
 def deeplab_labels(weights, image_bgr, crf=True, pad_to=None):
     """DeepLab-(CRF-)LargeFOV end to end, independently of deeplab_cli: (H, W) uint8 labels."""
     h, w = image_bgr.shape[:2]

@@ -292,6 +292,20 @@ def test_int8_measurements_render_as_the_expected_tables():
     assert notes.splitlines()[0] == "- labels equal to fp32's after the CRF: 97.12% of pixels, 95.50% on the least equal image"
 
 
+def test_densecrf_measurements_render_as_the_expected_table():
+    data = {"benchmark": "densecrf", "command": "python benchmarks/densecrf.py --rounds 2", "machine": ["CPU: x"],
+            "threads": 2, "rows": [
+                {"normalization": "NORMALIZE_AFTER", "path": "fused kernels", "pydensecrf": 0.9,
+                 "ours": {"1": 0.45, "2": 0.3}, "identical": True},
+                {"normalization": "NORMALIZE_SYMMETRIC", "path": "general mean field", "pydensecrf": 0.9,
+                 "ours": {"1": 0.9, "2": 0.5}, "identical": False}]}
+    intro, machine, table = render.sections(data)["densecrf"].split("\n\n")
+    assert intro == "Measured by `PYTHONPATH=src python benchmarks/densecrf.py --rounds 2`:" and machine == "- CPU: x"
+    assert cells(table)[2:] == [
+        ["NORMALIZE_AFTER", "fused kernels", "900 ms", "450 ms", "2.00x", "300 ms", "3.00x", "yes"],
+        ["NORMALIZE_SYMMETRIC", "general mean field", "900 ms", "900 ms", "1.00x", "500 ms", "1.80x", "NO"]]
+
+
 def test_bigimage_and_memory_cap_measurements_render_as_the_expected_tables():
     bigimage = {"benchmark": "bigimage", "command": "python benchmarks/bigimage.py --small", "rows": [
         {"image": "24 MP JPEG", "step": "deeplab segment -j 0", "seconds": 2.9, "peak": 799.4, "error": None,
@@ -404,7 +418,7 @@ def test_render_command_writes_between_markers_or_refuses_in_one_line(tmp_path):
     assert done.returncode == 2 and "no data for section(s) bigimage" in done.stderr
 
 
-@pytest.mark.parametrize("script", ["run.py", "crf.py", "bigimage.py", "memory_cap.py", "int8.py"])
+@pytest.mark.parametrize("script", ["run.py", "crf.py", "bigimage.py", "memory_cap.py", "int8.py", "densecrf.py"])
 def test_a_benchmark_refuses_a_file_without_its_markers_before_measuring(tmp_path, script):
     bare = tmp_path / "BENCHMARKS.md"
     bare.write_text("# hand-written only\n")
@@ -417,4 +431,4 @@ def test_a_benchmark_refuses_a_file_without_its_markers_before_measuring(tmp_pat
 
 def test_benchmarks_md_has_a_marker_pair_for_every_section():
     render.require_sections(BENCHMARKS.parent / "BENCHMARKS.md",
-                            ["run", "run-gpu", "crf", "crf-graph-cpu", "bigimage", "memory-cap", "int8"])
+                            ["run", "run-gpu", "crf", "crf-graph-cpu", "bigimage", "memory-cap", "int8", "densecrf"])

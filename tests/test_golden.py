@@ -73,3 +73,13 @@ def test_the_ports_network_computes_the_port_golden_and_onnxruntime_agrees(weigh
         stored, _ = cases.golden_logits(name, image, weights)
         assert_close_to_scale(ref, stored, rel=1e-6)
         assert_close_to_scale(run(port_model, image, pad_to), ref)
+
+
+def test_pydensecrf_computes_the_scores_golden():
+    pytest.importorskip("pydensecrf.densecrf")
+    maker = make_golden()
+    with np.load(cases.SCORES_FILE) as stored:
+        made = maker.scores_golden()
+        assert sorted(made) == sorted(stored.files)
+        for name, array in made.items():
+            np.testing.assert_array_equal(array, stored[name], name)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import shutil
 
-import cv2
 import numpy as np
 import onnx
 import pytest
@@ -16,7 +15,6 @@ from deeplab_cli.io.outputs import read_index_png
 from deeplab_cli.model import quantize as q
 from deeplab_cli.model import registry
 from deeplab_cli.model.weights import sha256_file
-from deeplab_cli.synthetic import natural_image
 
 NAME = registry.DEFAULT_MODEL
 

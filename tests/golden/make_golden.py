@@ -1,6 +1,6 @@
-"""Writes tests/golden/ from the independent references: pydensecrf's marginals (crf.json), and the PyTorch
-network's logits and end-to-end labels and the PyTorch port's logits (network.json, network.npz), on
-tests/golden_cases.py's inputs.
+"""Writes tests/golden/ from the independent references: pydensecrf's marginals (crf.json), the PyTorch
+network's logits and end-to-end labels and the PyTorch port's logits (network.json, network.npz), and
+pydensecrf's labels on other models' scores (scores.npz), on tests/golden_cases.py's inputs.
 
 Run where the crosscheck extra is installed (torch, pydensecrf2), from anywhere:
 
@@ -22,7 +22,7 @@ import golden_cases as cases  # noqa: E402
 from deeplab_cli.crf import CRFParams  # noqa: E402
 from deeplab_cli.synthetic import random_weights  # noqa: E402
 from reference import (deeplab_labels, port_logits, port_state_dict, pydensecrf_marginals,  # noqa: E402
-                       torch_logits)
+                       pydensecrf_on_scores, torch_logits)
 
 
 def crf_record(make):
@@ -55,6 +55,19 @@ def network_golden(weights):
     return meta, arrays
 
 
+def scores_golden():
+    """scores.npz: per score case, its inputs' SHA-256 and pydensecrf's labels."""
+    arrays = {}
+    for name, (image, kind, scores, options) in cases.score_cases().items():
+        settings = dict(zip(options[::2], options[1::2]))
+        arrays[f"{name}/inputs"] = np.array(cases.sha256(image, scores))
+        arrays[f"{name}/labels"] = pydensecrf_on_scores(
+            image, kind, scores, gt_prob=float(settings.get("--gt-prob", 0.7)),
+            ignore=int(settings["--ignore-label"]) if "--ignore-label" in settings else None,
+            n_labels=int(settings.get("--classes", 21)))
+    return arrays
+
+
 def main():
     crf = {"reference": "pydensecrf2 1.1", "cases": {name: crf_record(make)
                                                     for name, make in cases.crf_cases().items()}}
@@ -64,6 +77,7 @@ def main():
                          "port: cases from the port's own nn.Sequential")
     cases.NETWORK_FILE.write_text(json.dumps(meta, indent=1) + "\n")
     np.savez_compressed(cases.NETWORK_ARRAYS, **arrays)
+    np.savez_compressed(cases.SCORES_FILE, **scores_golden())
 
 
 if __name__ == "__main__":

@@ -14,32 +14,43 @@ from deeplab_cli.cli.common import (EXIT_FAILED, EXIT_OK, batch_options, crf_opt
 
 @click.command()
 @click.argument("inputs", nargs=-1, required=True)
-@click.argument("logits_dir", metavar="LOGITS", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("scores_dir", metavar="SCORES", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--scores", "kind", type=click.Choice(["logits", "probs", "labels"]), default="logits", show_default=True,
+              help="What SCORES holds per image: logits `segment -f logits` saved (NAME.logits.npz); any model's "
+                   "(C, H, W) probabilities at any size (NAME.npy, NAME.npz, NAME.probs.npz); label maps (NAME.png).")
+@click.option("--classes", type=click.IntRange(2, 256), default=21, show_default=True,
+              help="Classes of probs and labels (VOC's 21; other counts name the classes 0..N-1).")
+@click.option("--gt-prob", type=click.FloatRange(0, 1, min_open=True, max_open=True),
+              help="--scores labels: the probability each label is given, the rest shared by the others [0.7].")
+@click.option("--ignore-label", type=click.IntRange(0, 255),
+              help="--scores labels: the label of pixels of unknown class (e.g. 255); they get no preference.")
 @batch_options
 @output_options
 @jobs_option
 @click.option("--device", default="cpu", show_default=True,
               help="Where --crf-backend onnx runs its graph: cpu, cuda or cuda:N; cuda makes onnx the default.")
 @crf_options
-def crf(inputs, logits_dir, out, recursive, null, overwrite, shard, as_json, quiet, grace, max_pixels, formats, alpha,
-        jobs, device, crf_backend, crf_params, **crf_opts):
-    """The CRF stage alone, from saved logits: IMAGES... LOGITS.
+def crf(inputs, scores_dir, kind, classes, gt_prob, ignore_label, out, recursive, null, overwrite, shard, as_json,
+        quiet, grace, max_pixels, formats, alpha, jobs, device, crf_backend, crf_params, **crf_opts):
+    """The CRF stage alone, on saved scores of any model: IMAGES... SCORES.
 
-    LOGITS is the folder `deeplab segment IMAGES... --format logits` wrote; give the same IMAGES so the
-    pairs are found by relative path. Settings come from --crf-params and the options, as for segment.
-    `deeplab crf tune --help` shows the cross-validation of the settings.
+    SCORES holds a file per image, found by the image's path relative to the folders given (as
+    `deeplab segment` mirrors them). Settings come from --crf-params and the options, DeepLab's by
+    default. `deeplab crf tune --help` shows the cross-validation of the settings.
 
     \b
       deeplab segment photos/ --out logits/ -f logits --no-crf --device cuda
       deeplab crf photos/ logits/ --out masks/ --iters 10 -j 16
-      deeplab crf photos/ logits/ --out masks/ --device cuda
+      deeplab crf photos/ cams/ --scores probs --out masks/
+      deeplab crf photos/ pseudo/ --scores labels --gt-prob 0.7 --ignore-label 255 --out masks/
     """
     from deeplab_cli.run.refine import RefineRequest, refine_images
 
     request = RefineRequest(
-        out=out, logits_dir=logits_dir, workers=jobs, device=device, formats=tuple(dict.fromkeys(formats or ("index",))),
-        alpha=alpha, overwrite=overwrite, max_pixels=pixel_limit(max_pixels), crf_backend=crf_backend,
-        crf_file=crf_params, crf_overrides=crf_overrides(crf_opts))
+        out=out, scores_dir=scores_dir, scores=kind, classes=classes, gt_prob=gt_prob, ignore_label=ignore_label,
+        workers=jobs, device=device, formats=tuple(dict.fromkeys(formats or ("index",))), alpha=alpha,
+        overwrite=overwrite, max_pixels=pixel_limit(max_pixels), crf_backend=crf_backend, crf_file=crf_params,
+        crf_overrides=crf_overrides(crf_opts))
     sys.exit(report(refine_images(gather_jobs(inputs, recursive, shard, null), request), as_json, quiet, grace))
 
 

@@ -85,6 +85,28 @@ def apply_crf(image: np.ndarray, probs: np.ndarray, crf: CRFParams | None,
     return crf_backends.dense_crf(image[..., ::-1], probs, crf, backend, threads, device)
 
 
+def apply_crf_to_unary(image: np.ndarray, unary: np.ndarray, crf: CRFParams, backend: str = "numba",
+                       threads: int = 1) -> np.ndarray:
+    """The CRF with `crf`'s kernels as DeepLab sets them (Potts, NORMALIZE_AFTER) on given energies: image
+    (h, w, 3) uint8 BGR, unary (C, h*w) float32 as pydensecrf's setUnaryEnergy takes it -> (C, h, w) float32
+    marginals. Through pydensecrf's API: `deeplab_cli.densecrf` (the engine), or pydensecrf itself."""
+    if backend == "pydensecrf":
+        import pydensecrf.densecrf as dcrf
+
+        model = dcrf.DenseCRF2D(image.shape[1], image.shape[0], len(unary))
+    else:
+        from deeplab_cli import densecrf as dcrf
+
+        model = dcrf.DenseCRF2D(image.shape[1], image.shape[0], len(unary), threads=threads)
+    model.setUnaryEnergy(np.ascontiguousarray(unary, np.float32))
+    model.addPairwiseGaussian(sxy=crf.pos_xy_std, compat=crf.pos_w, kernel=dcrf.DIAG_KERNEL,
+                              normalization=dcrf.NORMALIZE_AFTER)
+    # RGB, as for `apply_crf`.
+    model.addPairwiseBilateral(sxy=crf.bi_xy_std, srgb=crf.bi_rgb_std, rgbim=np.ascontiguousarray(image[..., ::-1]),
+                               compat=crf.bi_w, kernel=dcrf.DIAG_KERNEL, normalization=dcrf.NORMALIZE_AFTER)
+    return np.asarray(model.inference(crf.iters)).reshape(len(unary), *image.shape[:2])
+
+
 def is_done(job: Job, settings: Settings) -> bool:
     """True when every requested output exists: written atomically, so they are complete (resume)."""
     return not settings.overwrite and all(p.is_file() for p in output_paths(job, settings))
@@ -253,7 +275,12 @@ def finish(job: Job, settings: Settings, image: np.ndarray, small: np.ndarray, n
     (C, h', w') float32, and from a graph that upsamples itself, `probs` (C, h, w) or `labels` (h, w).
     """
     probs, labels = None, net.get("labels")
-    if labels is None:
+    if "unary" in net:
+        with _timed(timings, "crf"):
+            probs = apply_crf_to_unary(small, net["unary"], settings.crf, settings.crf_backend, settings.crf_threads)
+        with _timed(timings, "full size"):
+            labels = labels_at_size(probs, *image.shape[:2])
+    elif labels is None:
         with _timed(timings, "upsample"):
             probs = net["probs"] if "probs" in net else scores_to_probs(net["logits"], small.shape[:2])
         with _timed(timings, "crf"):
@@ -268,8 +295,19 @@ def finish(job: Job, settings: Settings, image: np.ndarray, small: np.ndarray, n
                               alpha=settings.alpha)
 
 
-def crf_one(job: Job, logits_dir: Path, settings: Settings) -> Result:
-    """`deeplab crf` for one image: its saved logits (LOGITS/<key>.logits.npz) through the same stages."""
+@dataclass(frozen=True)
+class Scores:
+    """Where `deeplab crf` finds each image's scores, and how it reads them (`deeplab_cli.io.scores`)."""
+
+    folder: Path
+    kind: str = "logits"  # or "probs", "labels"
+    classes: int = 21
+    gt_prob: float = 0.7  # labels: the probability each label is given (io.scores.DEFAULT_GT_PROB)
+    ignore: int | None = None  # labels: the label of pixels whose class is unknown
+
+
+def crf_one(job: Job, scores: Scores, settings: Settings) -> Result:
+    """`deeplab crf` for one image: its scores (SCORES/<key>.<suffix>) through the same stages as segment's."""
     if is_done(job, settings):
         return Result(job, "skipped", output_paths(job, settings))
 
@@ -277,11 +315,27 @@ def crf_one(job: Job, logits_dir: Path, settings: Settings) -> Result:
         with _timed(timings, "load"):
             check_memory(job, settings)
             image = load_image(job.source, settings.max_pixels)
-            saved = outputs.read_logits(logits_dir / (job.key + FORMAT_SUFFIXES["logits"]))
-            if tuple(saved.image_size) != image.shape[:2]:
-                raise InputError(f"{job.source}: image is {image.shape[0]}x{image.shape[1]} but its logits were "
-                                 f"computed for {saved.image_size[0]}x{saved.image_size[1]}")
-            small = resize_to(image, saved.work_size)
-        finish(job, settings, image, small, {"logits": saved.logits}, saved.model, timings)
+            small, net, model = read_scores(job, scores, image)
+        finish(job, settings, image, small, net, model, timings)
 
     return attempt(job, settings, work)
+
+
+def read_scores(job: Job, scores: Scores, image: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray], str]:
+    """(the working image, what `finish` takes of the scores, the model that made them) for one image:
+    saved logits at their working size; probabilities brought to the image's size (bilinear, OpenCV's
+    INTER_LINEAR geometry: `resize_probs`); a label map as pydensecrf's unary_from_labels makes it."""
+    from deeplab_cli.io import scores as files
+    from deeplab_cli.model.upsample import resize_probs
+
+    path = files.scores_path(scores.folder, job.key, scores.kind)
+    if scores.kind == "logits":
+        saved = outputs.read_logits(path)
+        if tuple(saved.image_size) != image.shape[:2]:
+            raise InputError(f"{job.source}: image is {image.shape[0]}x{image.shape[1]} but its logits were "
+                             f"computed for {saved.image_size[0]}x{saved.image_size[1]}")
+        return resize_to(image, saved.work_size), {"logits": saved.logits}, saved.model
+    if scores.kind == "probs":
+        return image, {"probs": resize_probs(files.read_probs(path, scores.classes), *image.shape[:2])}, ""
+    labels = files.read_labels(path, scores.classes, scores.ignore, image.shape[:2])
+    return image, {"unary": files.labels_unary(labels, scores.classes, scores.gt_prob, scores.ignore)}, ""
