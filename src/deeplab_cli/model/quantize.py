@@ -4,8 +4,8 @@ The scheme was chosen by measurement (BENCHMARKS.md, `int8`): QDQ nodes, MinMax 
 int8 per output channel, activations uint8, every layer quantized. On LargeFOV with random weights and
 photo-like images that runs the network 3.7x faster than float32 on 2 AVX-512 VNNI cores, and labels
 agree with float32's on 97% of pixels after the CRF. Entropy calibration gave the same labels, the
-99.999th percentile 0.1 point fewer, and keeping the first convolution and fc8, or fc6 to fc8, in float
-gained at most 0.1 point for up to a third of the speed. It is not the paper's numerics: every label
+99.999th percentile 0.1 point fewer; keeping fc6 to fc8 in float gained 0.1 point for a third of the
+speed, keeping the first convolution and fc8 lost 0.3. It is not the paper's numerics: every label
 that differs from float32's is the quantization's.
 
 On x86 without VNNI or AMX, onnxruntime's uint8 x int8 kernels can saturate their 16-bit sums, so a
