@@ -315,9 +315,7 @@ def main() -> None:
     parser.add_argument("--small", action="store_true", help="the 24 MP JPEG only")
     parser.add_argument("--cli", action="store_true", help="also time `deeplab segment -j 0` (CRF on) per image")
     parser.add_argument("--workdir", type=Path, help="keep inputs here between runs (default: a temporary folder)")
-    parser.add_argument("--json", metavar="FILE", help="also write the measurements as JSON to FILE ('-': stdout)")
-    parser.add_argument("--markdown", type=Path, metavar="FILE",
-                        help="also write the table between the `bigimage` markers of FILE, which must have them")
+    render.output_arguments(parser, "also write the table between the `bigimage` markers of FILE, which must have them")
     options = parser.parse_args()
     render.refuse_without_sections(parser, options.markdown, ["bigimage"])
 

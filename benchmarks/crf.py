@@ -31,7 +31,6 @@ import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
-from pathlib import Path
 
 import cv2
 import numpy as np
@@ -264,9 +263,7 @@ def main() -> None:
     parser.add_argument("--device", help="also the onnx backend's rows on this device: cpu, cuda or cuda:N")
     parser.add_argument("--graph-images", type=int, default=64, help="images for the onnx rows [64]")
     parser.add_argument("--graph-batch", type=int, default=8, help="images per graph call [8]")
-    parser.add_argument("--json", metavar="FILE", help="also write the measurements as JSON to FILE ('-': stdout)")
-    parser.add_argument("--markdown", type=Path, metavar="FILE",
-                        help="also write them between their markers in FILE (benchmarks/render.py)")
+    render.output_arguments(parser, "also write them between their markers in FILE (benchmarks/render.py)")
     args = parser.parse_args()
     graph_section = [f"crf-graph-{args.device.split(':')[0]}"] if args.device else []
     render.refuse_without_sections(parser, args.markdown, ["crf", *graph_section])

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 
@@ -76,9 +75,7 @@ def measure(rounds: int, threads: int) -> list[dict]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=3, help="runs of each row, the fastest kept [3]")
-    parser.add_argument("--json", metavar="FILE", help="also write the measurements as JSON to FILE ('-': stdout)")
-    parser.add_argument("--markdown", type=Path, metavar="FILE",
-                        help="also write the table between the `densecrf` markers of FILE, which must have them")
+    render.output_arguments(parser, "also write the table between the `densecrf` markers of FILE, which must have them")
     args = parser.parse_args()
     if args.rounds < 1:
         parser.error("--rounds takes at least 1")

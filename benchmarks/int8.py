@@ -110,9 +110,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--images", type=int, default=8, help="measured images (not calibrated on) [8]")
     parser.add_argument("--rounds", type=int, default=3, help="runs of each row, the fastest kept [3]")
-    parser.add_argument("--json", metavar="FILE", help="also write the measurements as JSON to FILE ('-': stdout)")
-    parser.add_argument("--markdown", type=Path, metavar="FILE",
-                        help="also write the table between the `int8` markers of FILE, which must have them")
+    render.output_arguments(parser, "also write the table between the `int8` markers of FILE, which must have them")
     args = parser.parse_args()
     if args.images < 2 or args.rounds < 1:
         parser.error("--images takes at least 2 (steady state needs a second image), --rounds at least 1")

@@ -87,9 +87,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--images", type=int, default=4)
     parser.add_argument("--limits", nargs="+", default=["3G", "1G"], help="memory limits to run under [3G 1G]")
-    parser.add_argument("--json", metavar="FILE", help="also write the measurements as JSON to FILE ('-': stdout)")
-    parser.add_argument("--markdown", type=Path, metavar="FILE",
-                        help="also write the table between the `memory-cap` markers of FILE, which must have them")
+    render.output_arguments(parser, "also write the table between the `memory-cap` markers of FILE, which must have them")
     args = parser.parse_args()
     render.refuse_without_sections(parser, args.markdown, ["memory-cap"])
     sys.path.insert(0, str(HERE))

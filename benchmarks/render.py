@@ -191,6 +191,13 @@ def command_line(data: dict, prefix: str = "PYTHONPATH=src ") -> str:
     return f"{prefix}{data['command']}"
 
 
+def output_arguments(parser: argparse.ArgumentParser, markdown_help: str) -> None:
+    """The two options every measuring script takes: --json FILE and --markdown FILE (what it writes there
+    in `markdown_help`); `deliver` acts on them."""
+    parser.add_argument("--json", metavar="FILE", help="also write the measurements as JSON to FILE ('-': stdout)")
+    parser.add_argument("--markdown", type=Path, metavar="FILE", help=markdown_help)
+
+
 def refuse_without_sections(parser: argparse.ArgumentParser, path: Path | None, names) -> None:
     """A measuring script's first step with --markdown: exit (one line, status 2) unless `path` has a
     marker pair for each of `names`, before any minute is spent measuring."""

@@ -688,10 +688,8 @@ def parse_arguments() -> tuple[argparse.ArgumentParser, argparse.Namespace]:
     parser.add_argument("--tune-rounds", type=int, default=2,
                         help="runs of each backend's `crf tune`, the backends going first in turn, the fastest "
                              "kept: fewer than --rounds, as a pydensecrf run takes minutes [2]")
-    parser.add_argument("--json", metavar="FILE", help="also write the measurements as JSON to FILE ('-': stdout)")
-    parser.add_argument("--markdown", type=Path, metavar="FILE",
-                        help="also write the report between the `run` markers of FILE (`run-gpu` with --gpu-only), "
-                             "which must have them; the rest of FILE is kept as it is")
+    render.output_arguments(parser, "also write the report between the `run` markers of FILE (`run-gpu` with "
+                                    "--gpu-only), which must have them; the rest of FILE is kept as it is")
     args = parser.parse_args()
     if args.images < 2:
         parser.error("--images must be at least 2 (steady state needs t_N - t_1)")

@@ -214,3 +214,29 @@ def test_pydensecrf_backend_missing_says_what_to_install(monkeypatch):
     with pytest.raises(RuntimeSetupError, match=r"pip install 'deeplab-cli\[pydensecrf\]'"):
         check_backend("pydensecrf")
     check_backend("numba")  # the default needs nothing more
+
+
+def test_dense_crf_on_unary_is_dense_crf_on_the_probabilities_that_unary_comes_from():
+    from deeplab_cli.crf import dense_crf_on_unary
+    from deeplab_cli.crf.meanfield import log_probs
+    from deeplab_cli.synthetic import natural_image, probabilities
+
+    image = natural_image(30, 41, seed=3)
+    probs = probabilities(image, 21, seed=4)
+    unary = -log_probs(probs)
+    np.testing.assert_array_equal(dense_crf_on_unary(image, unary, threads=2), dense_crf(image, probs))
+    with pytest.raises(ValueError, match="takes probabilities, not energies"):
+        dense_crf_on_unary(image, unary, backend="onnx")
+    with pytest.raises(ValueError, match="unary must be"):
+        dense_crf_on_unary(image, unary[:, :-1])
+
+
+@pytest.mark.crosscheck
+def test_dense_crf_on_unary_is_pydensecrfs():
+    pytest.importorskip("pydensecrf.densecrf")
+    from deeplab_cli.crf import dense_crf_on_unary
+    from deeplab_cli.synthetic import natural_image
+
+    image = natural_image(30, 41, seed=3)
+    unary = np.random.default_rng(5).uniform(0, 5, (4, 30 * 41)).astype(np.float32)
+    np.testing.assert_array_equal(dense_crf_on_unary(image, unary), dense_crf_on_unary(image, unary, backend="pydensecrf"))

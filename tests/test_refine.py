@@ -159,5 +159,7 @@ def test_labels_unary_is_pydensecrfs_with_unknown_pixels_uniform():
     np.testing.assert_array_equal(unary[:, [0, 1, 3]], expected[:, [0, 1, 3]])
     np.testing.assert_array_equal(unary[:, 2], np.full(21, -np.log(1 / 21), np.float32))
 
-    with pytest.raises(InputError, match=r"^/nowhere/x.png: no labels file for this image"):
+    with pytest.raises(InputError, match=r"^/nowhere/x.png: no labels file for this image \(looked for x.png\)$"):
         files.scores_path(Path("/nowhere"), "x", "labels")
+    with pytest.raises(InputError, match=r"x.logits.npz\); run `deeplab segment --format logits` first$"):
+        files.scores_path(Path("/nowhere"), "x", "logits")

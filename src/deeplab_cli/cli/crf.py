@@ -41,7 +41,7 @@ def crf(inputs, scores_dir, kind, classes, gt_prob, ignore_label, out, recursive
     \b
       deeplab segment photos/ --out logits/ -f logits --no-crf --device cuda
       deeplab crf photos/ logits/ --out masks/ --iters 10 -j 16
-      deeplab crf photos/ cams/ --scores probs --out masks/
+      deeplab crf photos/ probs/ --scores probs --out masks/
       deeplab crf photos/ pseudo/ --scores labels --gt-prob 0.7 --ignore-label 255 --out masks/
     """
     from deeplab_cli.run.refine import RefineRequest, refine_images

@@ -12,13 +12,14 @@ The stages, from the definition to the fast paths:
   `deeplab_cli.densecrf`, pydensecrf's API;
 - `graph`: the iterations as an ONNX graph, for onnxruntime's providers (GPUs);
 - `tune`: DeepLab's cross-validation of the settings on one image;
-- `backends`: one call (`dense_crf`) over the engine, pydensecrf and the graph.
+- `backends`: one call (`dense_crf`) over the engine, pydensecrf and the graph, and `dense_crf_on_unary`
+  for energies given instead of probabilities.
 
 Importing this package is cheap: numba and onnxruntime load on first use.
 """
 
-from deeplab_cli.crf.backends import check_backend, dense_crf, dense_crf_grid, warm
+from deeplab_cli.crf.backends import check_backend, dense_crf, dense_crf_grid, dense_crf_on_unary, warm
 from deeplab_cli.crf.params import BACKENDS, DEFAULT_BACKEND, MIN_PROB, CRFParams
 
 __all__ = ["BACKENDS", "DEFAULT_BACKEND", "MIN_PROB", "CRFParams", "check_backend", "dense_crf",
-           "dense_crf_grid", "warm"]
+           "dense_crf_grid", "dense_crf_on_unary", "warm"]

@@ -83,7 +83,8 @@ def dense_crf(image: np.ndarray, probs: np.ndarray, params: CRFParams = CRFParam
     """
     check_inputs(image, probs)
     if backend == "pydensecrf":
-        return _pydensecrf(image, probs, params)
+        # pydensecrf copies the unary into its own matrix, so this temporary is freed right after.
+        return _pydensecrf(image, _unary(probs), params)
     probs = probs.astype(np.float32, copy=False)
     if backend == "onnx":
         from deeplab_cli.crf import graph
@@ -113,14 +114,34 @@ def dense_crf_grid(image: np.ndarray, probs: np.ndarray, settings: Sequence[CRFP
     yield from meanfield.grid(image, probs.astype(np.float32, copy=False), settings, threads)
 
 
-def _pydensecrf(image: np.ndarray, probs: np.ndarray, params: CRFParams) -> np.ndarray:
-    """The reference: pydensecrf with DeepLab's settings. The result views pydensecrf's own buffer."""
+def dense_crf_on_unary(image: np.ndarray, unary: np.ndarray, params: CRFParams = CRFParams(),
+                       backend: str = DEFAULT_BACKEND, threads: int = 1) -> np.ndarray:
+    """`dense_crf` on given energies instead of probabilities: unary (C, H*W) float32, as pydensecrf's
+    `setUnaryEnergy` takes it (-log p for probabilities p), used as it is. The numba and pydensecrf
+    backends only: the onnx graph takes probabilities. Returns (C, H, W) float32 marginals."""
+    n_labels = len(unary)
+    if image.ndim != 3 or image.shape[2] != 3 or unary.shape != (n_labels, image.shape[0] * image.shape[1]):
+        raise ValueError(f"unary must be (C, H*W) for an (H, W, 3) image, got {unary.shape} for {image.shape}")
+    if backend == "pydensecrf":
+        return _pydensecrf(image, np.ascontiguousarray(unary, np.float32), params)
+    if backend != "numba":
+        raise ValueError(f"the {backend!r} CRF backend takes probabilities, not energies: use numba or pydensecrf")
+    from deeplab_cli.crf import meanfield
+
+    neg_unary = np.negative(unary, dtype=np.float32).reshape(n_labels, *image.shape[:2])
+    return meanfield.mean_field(meanfield.prepare(image, params, threads), neg_unary, params, threads,
+                                unary_given=True)
+
+
+def _pydensecrf(image: np.ndarray, unary: np.ndarray, params: CRFParams) -> np.ndarray:
+    """The reference: pydensecrf with DeepLab's settings on a (C, H*W) float32 unary. The result views
+    pydensecrf's own buffer."""
     import pydensecrf.densecrf as dcrf
 
-    n_labels, height, width = probs.shape
+    height, width = image.shape[:2]
+    n_labels = len(unary)
     crf = dcrf.DenseCRF2D(width, height, n_labels)
-    # pydensecrf copies the unary into its own matrix, so this temporary is freed right after.
-    crf.setUnaryEnergy(_unary(probs))
+    crf.setUnaryEnergy(unary)
     crf.addPairwiseGaussian(
         sxy=params.pos_xy_std,
         compat=params.pos_w,

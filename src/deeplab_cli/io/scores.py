@@ -29,8 +29,9 @@ def scores_path(folder: Path, key: str, kind: str) -> Path:
     for path in candidates:
         if path.is_file():
             return path
+    hint = "; run `deeplab segment --format logits` first" if kind == "logits" else ""
     raise InputError(f"{candidates[0]}: no {kind} file for this image (looked for "
-                     f"{', '.join(p.name for p in candidates)})")
+                     f"{', '.join(p.name for p in candidates)}){hint}")
 
 
 def read_probs(path: Path, classes: int) -> np.ndarray:

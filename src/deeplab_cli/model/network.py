@@ -102,7 +102,7 @@ def check_weights(
     num_classes: int = 21, fc8: str = "fc8_voc12",
 ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Check every convolution of LargeFOV is present with its shape; return float32 (OIHW, (O,)) arrays
-by layer name. A PyTorch port's `[module.]features.N` keys are read as the layers they number.
+    by layer name. A PyTorch port's `[module.]features.N` keys are read as the layers they number.
 
     `dilations` holds what the file records (None where it records nothing). Raises WeightsError with one
     line naming `source` and everything wrong, so a user fixes the file in one go.

@@ -26,6 +26,7 @@ from deeplab_cli.errors import InputError, OutputError
 from deeplab_cli.io.images import (DEFAULT_MAX_PIXELS, DEFAULT_MAX_SIZE, header_size, load_image, network_size,
                                     resize_for_network, resize_to)
 from deeplab_cli.io.inputs import Job
+from deeplab_cli.io.scores import DEFAULT_GT_PROB
 from deeplab_cli.model.upsample import labels_at_size, scores_to_probs
 
 FORMAT_SUFFIXES = {
@@ -87,24 +88,9 @@ def apply_crf(image: np.ndarray, probs: np.ndarray, crf: CRFParams | None,
 
 def apply_crf_to_unary(image: np.ndarray, unary: np.ndarray, crf: CRFParams, backend: str = "numba",
                        threads: int = 1) -> np.ndarray:
-    """The CRF with `crf`'s kernels as DeepLab sets them (Potts, NORMALIZE_AFTER) on given energies: image
-    (h, w, 3) uint8 BGR, unary (C, h*w) float32 as pydensecrf's setUnaryEnergy takes it -> (C, h, w) float32
-    marginals. Through pydensecrf's API: `deeplab_cli.densecrf` (the engine), or pydensecrf itself."""
-    if backend == "pydensecrf":
-        import pydensecrf.densecrf as dcrf
-
-        model = dcrf.DenseCRF2D(image.shape[1], image.shape[0], len(unary))
-    else:
-        from deeplab_cli import densecrf as dcrf
-
-        model = dcrf.DenseCRF2D(image.shape[1], image.shape[0], len(unary), threads=threads)
-    model.setUnaryEnergy(np.ascontiguousarray(unary, np.float32))
-    model.addPairwiseGaussian(sxy=crf.pos_xy_std, compat=crf.pos_w, kernel=dcrf.DIAG_KERNEL,
-                              normalization=dcrf.NORMALIZE_AFTER)
-    # RGB, as for `apply_crf`.
-    model.addPairwiseBilateral(sxy=crf.bi_xy_std, srgb=crf.bi_rgb_std, rgbim=np.ascontiguousarray(image[..., ::-1]),
-                               compat=crf.bi_w, kernel=dcrf.DIAG_KERNEL, normalization=dcrf.NORMALIZE_AFTER)
-    return np.asarray(model.inference(crf.iters)).reshape(len(unary), *image.shape[:2])
+    """`apply_crf` on given energies: image (h, w, 3) uint8 BGR, unary (C, h*w) float32 as pydensecrf's
+    setUnaryEnergy takes it -> (C, h, w) float32 marginals."""
+    return crf_backends.dense_crf_on_unary(np.ascontiguousarray(image[..., ::-1]), unary, crf, backend, threads)
 
 
 def is_done(job: Job, settings: Settings) -> bool:
@@ -275,17 +261,17 @@ def finish(job: Job, settings: Settings, image: np.ndarray, small: np.ndarray, n
     (C, h', w') float32, and from a graph that upsamples itself, `probs` (C, h, w) or `labels` (h, w).
     """
     probs, labels = None, net.get("labels")
-    if "unary" in net:
-        with _timed(timings, "crf"):
-            probs = apply_crf_to_unary(small, net["unary"], settings.crf, settings.crf_backend, settings.crf_threads)
-        with _timed(timings, "full size"):
-            labels = labels_at_size(probs, *image.shape[:2])
-    elif labels is None:
-        with _timed(timings, "upsample"):
-            probs = net["probs"] if "probs" in net else scores_to_probs(net["logits"], small.shape[:2])
-        with _timed(timings, "crf"):
-            probs = apply_crf(small, probs, settings.crf, settings.crf_backend, settings.crf_threads,
-                              settings.crf_device)
+    if labels is None:
+        if "unary" in net:  # a label map's energies (`deeplab crf --scores labels`)
+            with _timed(timings, "crf"):
+                probs = apply_crf_to_unary(small, net["unary"], settings.crf, settings.crf_backend,
+                                           settings.crf_threads)
+        else:
+            with _timed(timings, "upsample"):
+                probs = net["probs"] if "probs" in net else scores_to_probs(net["logits"], small.shape[:2])
+            with _timed(timings, "crf"):
+                probs = apply_crf(small, probs, settings.crf, settings.crf_backend, settings.crf_threads,
+                                  settings.crf_device)
         with _timed(timings, "full size"):
             # Bilinear probabilities then argmax in bands of rows: a 400 MP scan never needs its (C, H, W) map.
             labels = labels_at_size(probs, *image.shape[:2])
@@ -302,7 +288,7 @@ class Scores:
     folder: Path
     kind: str = "logits"  # or "probs", "labels"
     classes: int = 21
-    gt_prob: float = 0.7  # labels: the probability each label is given (io.scores.DEFAULT_GT_PROB)
+    gt_prob: float = DEFAULT_GT_PROB  # labels: the probability each label is given
     ignore: int | None = None  # labels: the label of pixels whose class is unknown
 
 
